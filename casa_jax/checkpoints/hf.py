@@ -1,0 +1,182 @@
+"""Hugging Face checkpoint import (HF dir -> params pytree) and export (params -> HF dir).
+
+Import reads one tensor at a time and places it straight onto its target sharding, so a large
+checkpoint never needs two full host copies. Every tensor is accounted for: missing, unexpected or
+mis-shaped keys give one error listing them all. Encoder tensors of a thinker (``visual.*``,
+``audio_tower.*``) are carried verbatim in a ``passthrough`` tree until the encoders are ported, so
+a round trip stays bit-exact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+from typing import Any, Iterator, Mapping
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from casa_jax.checkpoints import hf_files
+from casa_jax.checkpoints.hf_files import CheckpointError, SafetensorsDir
+from casa_jax.checkpoints.name_map import Rule, expected_hf_shapes, text_rules
+from casa_jax.model.config import OMNI_THINKER, ModelSpec, load_hf_spec
+
+log = logging.getLogger(__name__)
+
+# Non-weight files worth carrying from an HF directory to an export (tokenizer, chat template, ...).
+SIDECAR_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "added_tokens.json",
+                 "special_tokens_map.json", "chat_template.json", "chat_template.jinja",
+                 "generation_config.json", "preprocessor_config.json")
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+@dataclasses.dataclass
+class LoadedCheckpoint:
+    spec: ModelSpec
+    params: dict  # the CausalLM params tree
+    passthrough: dict[str, np.ndarray]  # canonical HF key -> tensor, carried verbatim (encoders)
+
+def _set(tree: dict, path: tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+def _get(tree: Mapping, path: tuple[str, ...]):
+    for name in path:
+        tree = tree[name]
+    return tree
+
+def check_tensor_set(files: SafetensorsDir, spec: ModelSpec, rules: list[Rule]) -> list[str]:
+    """Raise one ``CheckpointError`` listing every missing, unexpected and mis-shaped key.
+
+    Returns the keys that go to the passthrough tree.
+    """
+    cfg = spec.text
+    expected = expected_hf_shapes(rules, cfg.num_hidden_layers)
+    present = set(files.keys())
+    passthrough = sorted(k for k in present if spec.is_thinker and k.startswith(hf_files.ENCODER_PREFIXES))
+    tied_head = cfg.tie_word_embeddings and "lm_head.weight" in present
+    missing = sorted(set(expected) - present)
+    unexpected = sorted(present - set(expected) - set(passthrough) - ({"lm_head.weight"} if tied_head else set()))
+    misshaped = [f"{k}: file has {list(files.shape(k))}, config expects {list(expected[k])}"
+                 for k in sorted(set(expected) & present) if files.shape(k) != expected[k]]
+    if tied_head and files.shape("lm_head.weight") != expected["model.embed_tokens.weight"]:
+        misshaped.append(f"lm_head.weight: file has {list(files.shape('lm_head.weight'))}, tied embeddings "
+                         f"expect {list(expected['model.embed_tokens.weight'])}")
+    if missing or unexpected or misshaped:
+        parts = [f"{files.hf_dir}: the weights do not match config.json ({spec.model_type}, "
+                 f"{cfg.num_hidden_layers} layers, hidden {cfg.hidden_size})"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+            if items:
+                shown = "\n    ".join(items[:50]) + (f"\n    ... and {len(items) - 50} more" if len(items) > 50 else "")
+                parts.append(f"  {title} ({len(items)}):\n    {shown}")
+        raise CheckpointError("\n".join(parts))
+    return passthrough
+
+def _place(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    if sharding is None:
+        return jax.device_put(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+def load_hf_checkpoint(hf_dir: str, shardings: Any = None, param_dtype: str | None = None,
+                       progress: bool = True, **policy) -> LoadedCheckpoint:
+    """Read an HF directory into a params tree, placing each tensor on ``shardings`` (a tree like the
+    params, of ``jax.sharding.Sharding``; None puts everything on the default device).
+
+    ``param_dtype`` casts the weights (default: keep the file's dtype); ``policy`` sets TextConfig
+    runtime fields such as the compute ``dtype``.
+    """
+    spec = load_hf_spec(hf_dir, **policy)
+    if param_dtype is not None:
+        spec = dataclasses.replace(spec, text=spec.text.replace(param_dtype=param_dtype))
+    files = SafetensorsDir(hf_dir)
+    rules = text_rules(spec.text)
+    passthrough_keys = check_tensor_set(files, spec, rules)
+    num_layers = spec.text.num_hidden_layers
+    cast = np.dtype(jax.numpy.dtype(param_dtype)) if param_dtype else None
+
+    params: dict = {}
+    bar = tqdm(total=sum(num_layers if r.per_layer else 1 for r in rules) + len(passthrough_keys),
+               desc="import", unit="tensor", disable=not progress)
+    for rule in rules:
+        if rule.per_layer:
+            stacked = None
+            for layer in range(num_layers):
+                one = rule.to_jax(files.read(rule.hf_key.format(layer=layer)))
+                if stacked is None:  # one preallocated host buffer per stacked parameter
+                    stacked = np.empty((num_layers,) + one.shape, cast or one.dtype)
+                stacked[layer] = one
+                bar.update()
+            array = stacked
+        else:
+            array = rule.to_jax(files.read(rule.hf_key))
+            if cast is not None:
+                array = array.astype(cast)
+            bar.update()
+        sharding = _get(shardings, rule.path) if shardings is not None else None
+        _set(params, rule.path, _place(array, sharding))
+        del array
+    if spec.text.tie_word_embeddings and "lm_head.weight" in files.keys():
+        if not np.array_equal(files.read("lm_head.weight"), files.read("model.embed_tokens.weight")):
+            raise CheckpointError(f"{hf_dir}: config.json ties the LM head to the embeddings, but lm_head.weight "
+                                  "differs from model.embed_tokens.weight; set tie_word_embeddings=false")
+        log.info("%s: lm_head.weight equals the tied embeddings; not stored twice", hf_dir)
+    passthrough = {}
+    for key in passthrough_keys:
+        passthrough[key] = files.read(key)
+        bar.update()
+    bar.close()
+    if passthrough_keys:
+        log.info("%s: carrying %d encoder tensors verbatim (visual/audio_tower)", hf_dir, len(passthrough_keys))
+    return LoadedCheckpoint(spec=spec, params=params, passthrough=passthrough)
+
+def hf_tensors(params: Mapping, spec: ModelSpec, passthrough: Mapping[str, np.ndarray] | None = None,
+               progress: bool = True) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (HF key, numpy tensor) for a params tree, one tensor at a time, in canonical key style."""
+    rules = text_rules(spec.text)
+    num_layers = spec.text.num_hidden_layers
+    total = sum(num_layers if r.per_layer else 1 for r in rules) + len(passthrough or {})
+    with tqdm(total=total, desc="export", unit="tensor", disable=not progress) as bar:
+        for rule in rules:
+            value = _get(params, rule.path)
+            if rule.per_layer:
+                for layer in range(num_layers):
+                    yield rule.hf_key.format(layer=layer), rule.to_hf(np.asarray(value[layer]))
+                    bar.update()
+            else:
+                yield rule.hf_key, rule.to_hf(np.asarray(value))
+                bar.update()
+        for key, value in sorted((passthrough or {}).items()):
+            yield key, np.asarray(value)
+            bar.update()
+
+def export_config(spec: ModelSpec) -> dict:
+    """The config.json to write: a thinker's own config for Omni checkpoints, else the original."""
+    if spec.is_thinker:
+        cfg = spec.thinker_config()
+        cfg["model_type"] = OMNI_THINKER
+        cfg["architectures"] = ["Qwen2_5OmniThinkerForConditionalGeneration"]
+        return cfg
+    return dict(spec.hf_config)
+
+def write_hf_checkpoint(out_dir: str, params: Mapping, spec: ModelSpec,
+                        passthrough: Mapping[str, np.ndarray] | None = None, sidecar_dir: str | None = None,
+                        max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
+                        progress: bool = True) -> None:
+    """Write safetensors + config.json (+ tokenizer files from ``sidecar_dir``) atomically."""
+    if spec.is_thinker and not passthrough:
+        log.warning("exporting a thinker without vision/audio encoder weights; transformers will "
+                    "initialise those randomly when it loads this directory")
+    with hf_files.atomic_directory(out_dir, overwrite=overwrite) as tmp:
+        hf_files.write_safetensors(tmp, hf_tensors(params, spec, passthrough, progress), max_shard_bytes)
+        hf_files.write_json(os.path.join(tmp, "config.json"), export_config(spec))
+        if sidecar_dir:
+            for name in SIDECAR_FILES:
+                src = os.path.join(sidecar_dir, name)
+                if os.path.isfile(src):
+                    shutil.copyfile(src, os.path.join(tmp, name))
+
+def sidecar_files(hf_dir: str) -> list[str]:
+    return [n for n in SIDECAR_FILES if os.path.isfile(os.path.join(hf_dir, n))]

@@ -1,0 +1,204 @@
+"""Reading and writing Hugging Face weight files: lazy safetensors access, key styles, atomic export.
+
+Only safetensors are read: pickle-based files (``*.bin``, ``*.pt``, ...) can run arbitrary code when
+loaded, so they are refused with an explanation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from typing import Iterator, Mapping
+
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+IGNORED_PREFIXES = ("talker.", "token2wav.")  # speech-output halves of Qwen2.5-Omni; not the thinker
+ENCODER_PREFIXES = ("visual.", "audio_tower.")
+
+
+class CheckpointError(ValueError):
+    """A Hugging Face directory or tensor set that cannot be converted as asked."""
+
+
+def canonical_key(key: str) -> str | None:
+    """Map any key style to the one transformers writes for a thinker or Qwen2 (``model.*``,
+    ``lm_head.*``, ``visual.*``, ``audio_tower.*``). Returns None for keys we deliberately ignore."""
+    if key.startswith("thinker."):
+        key = key[len("thinker."):]
+    elif key.startswith(IGNORED_PREFIXES):
+        return None
+    if key.startswith("model.language_model."):  # transformers' in-memory name of the thinker's text model
+        return "model." + key[len("model.language_model."):]
+    for prefix in ENCODER_PREFIXES:
+        if key.startswith("model." + prefix):
+            return key[len("model."):]
+    return key
+
+
+class SafetensorsDir:
+    """Lazy, read-only view of the tensors in a Hugging Face directory, under canonical key names.
+
+    Opening only reads the headers; ``read(key)`` memory-maps and returns one tensor.
+    """
+
+    def __init__(self, hf_dir: str):
+        self.hf_dir = hf_dir
+        if not os.path.isdir(hf_dir):
+            raise CheckpointError(f"{hf_dir}: not a directory")
+        self.files = self._weight_files()
+        self._location: dict[str, tuple[str, str]] = {}  # canonical -> (file, original key)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}
+        self.ignored: list[str] = []
+        styles: dict[str, list[str]] = {"thinker.": [], "bare": []}
+        for path in self.files:
+            with safe_open(path, framework="np") as f:
+                for key in f.keys():
+                    canon = canonical_key(key)
+                    if canon is None:
+                        self.ignored.append(key)
+                        continue
+                    styles["thinker." if key.startswith("thinker.") else "bare"].append(key)
+                    if canon in self._location:
+                        other = self._location[canon]
+                        raise CheckpointError(
+                            f"{hf_dir}: tensor {canon!r} appears twice ({other[1]!r} in "
+                            f"{os.path.basename(other[0])} and {key!r} in {os.path.basename(path)})")
+                    sl = f.get_slice(key)
+                    self._location[canon] = (path, key)
+                    self._shapes[canon] = tuple(sl.get_shape())
+                    self._dtypes[canon] = str(sl.get_dtype())
+        if styles["thinker."] and styles["bare"]:
+            raise CheckpointError(
+                f"{hf_dir}: mixes key styles: {len(styles['thinker.'])} keys start with 'thinker.' "
+                f"(e.g. {styles['thinker.'][0]!r}) and {len(styles['bare'])} do not "
+                f"(e.g. {styles['bare'][0]!r}); expected one style")
+        self.key_style = "thinker." if styles["thinker."] else "bare"
+        if self.ignored:
+            log.info("%s: ignoring %d talker/token2wav tensors (speech output, not part of the thinker)",
+                     hf_dir, len(self.ignored))
+
+    def _weight_files(self) -> list[str]:
+        names = sorted(os.listdir(self.hf_dir))
+        index_path = os.path.join(self.hf_dir, SAFETENSORS_INDEX)
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise CheckpointError(f"{index_path}: expected JSON with a 'weight_map' object ({e})") from e
+            files = sorted(set(weight_map.values()))
+            missing = [n for n in files if not os.path.isfile(os.path.join(self.hf_dir, n))]
+            if missing:
+                raise CheckpointError(f"{index_path} lists shard files that are not in {self.hf_dir}: {missing}")
+            return [os.path.join(self.hf_dir, n) for n in files]
+        shards = [n for n in names if n.endswith(".safetensors")]
+        if shards:
+            return [os.path.join(self.hf_dir, n) for n in shards]
+        pickles = [n for n in names if n.endswith(PICKLE_SUFFIXES)]
+        if pickles:
+            raise CheckpointError(
+                f"{self.hf_dir}: holds only pickle weight files {pickles}. casa-jax never loads pickle files: "
+                "unpickling can execute arbitrary code. Convert them to safetensors first with a tool you "
+                "trust (e.g. transformers: from_pretrained(...) then save_pretrained(..., "
+                "safe_serialization=True)).")
+        raise CheckpointError(f"{self.hf_dir}: no {SINGLE_FILE}, {SAFETENSORS_INDEX} or *.safetensors files")
+
+    def keys(self) -> list[str]:
+        return sorted(self._location)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def dtype(self, key: str) -> str:
+        return self._dtypes[key]
+
+    def read(self, key: str) -> np.ndarray:
+        path, original = self._location[key]
+        with safe_open(path, framework="np") as f:
+            return f.get_tensor(original)
+
+
+@contextlib.contextmanager
+def atomic_directory(final_dir: str, overwrite: bool = False) -> Iterator[str]:
+    """Yield a fresh temporary directory beside ``final_dir``; on success rename it into place.
+
+    An exception or a kill leaves ``final_dir`` untouched (only a ``.partial-*`` sibling remains,
+    which no reader mistakes for a finished directory).
+    """
+    final_dir = os.path.abspath(final_dir)
+    if os.path.exists(final_dir) and not overwrite:
+        if not os.path.isdir(final_dir) or os.listdir(final_dir):
+            raise CheckpointError(f"{final_dir}: already exists and is not empty; pass --overwrite to replace it")
+    parent = os.path.dirname(final_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".partial-", dir=parent)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(final_dir):
+        old = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".old-", dir=parent)
+        os.rename(final_dir, os.path.join(old, "x"))
+        os.rename(tmp, final_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final_dir)
+
+
+def write_safetensors(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int) -> None:
+    """Write tensors as ``model.safetensors`` or as shards plus ``model.safetensors.index.json``,
+    the way transformers does. Holds at most one shard's tensors in memory."""
+    shards: list[list[str]] = []
+    weight_map: dict[str, str] = {}
+    current: dict[str, np.ndarray] = {}
+    current_bytes = 0
+    total = 0
+    tmp_names: list[str] = []
+
+    def flush():
+        nonlocal current, current_bytes
+        if not current:
+            return
+        name = f"shard-{len(tmp_names):05d}.tmp"
+        save_file(current, os.path.join(out_dir, name), metadata={"format": "pt"})
+        tmp_names.append(name)
+        shards.append(list(current))
+        current, current_bytes = {}, 0
+
+    for key, array in tensors:
+        array = np.ascontiguousarray(array)
+        if current and current_bytes + array.nbytes > max_shard_bytes:
+            flush()
+        current[key] = array
+        current_bytes += array.nbytes
+        total += array.nbytes
+    flush()
+    if len(tmp_names) == 1:
+        os.rename(os.path.join(out_dir, tmp_names[0]), os.path.join(out_dir, SINGLE_FILE))
+        return
+    n = len(tmp_names)
+    for i, (tmp_name, keys) in enumerate(zip(tmp_names, shards)):
+        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.rename(os.path.join(out_dir, tmp_name), os.path.join(out_dir, final))
+        weight_map.update({k: final for k in keys})
+    with open(os.path.join(out_dir, SAFETENSORS_INDEX), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, f, indent=2)
+
+
+def write_json(path: str, obj: Mapping) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")

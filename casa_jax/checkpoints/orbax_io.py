@@ -1,0 +1,129 @@
+"""Our converted-checkpoint directory: orbax arrays plus the configs needed to rebuild and re-export.
+
+Layout of ``CKPT``::
+
+    casa_jax.json     format marker, model type and the TextConfig
+    hf_config.json    the original Hugging Face config.json, verbatim
+    hf_sidecar/       tokenizer / chat-template files copied from the HF directory
+    state/            orbax StandardCheckpointer: {"params": ..., "passthrough": {...}}
+
+The whole directory is written beside its destination and renamed into place, so an interrupted
+write never leaves a directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from casa_jax.checkpoints import hf_files
+from casa_jax.checkpoints.hf import LoadedCheckpoint, sidecar_files
+from casa_jax.checkpoints.hf_files import CheckpointError
+from casa_jax.model.config import ModelSpec, TextConfig
+
+FORMAT = "casa_jax.params"
+VERSION = 1
+META_FILE = "casa_jax.json"
+HF_CONFIG_FILE = "hf_config.json"
+SIDECAR_DIR = "hf_sidecar"
+STATE_DIR = "state"
+
+
+def _nest(flat: Mapping[str, Any]) -> dict:
+    """{"visual.blocks.0.w": x} -> {"visual": {"blocks": {"0": {"w": x}}}} (orbax-friendly names)."""
+    out: dict = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def _flatten(nested: Mapping, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in nested.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def save_checkpoint(ckpt_dir: str, loaded: LoadedCheckpoint, sidecar_from: str | None = None,
+                    overwrite: bool = False) -> None:
+    """Write params (+ passthrough tensors, configs, tokenizer files) to ``ckpt_dir`` atomically."""
+    with hf_files.atomic_directory(ckpt_dir, overwrite=overwrite) as tmp:
+        state = {"params": loaded.params}
+        if loaded.passthrough:  # orbax cannot store an empty subtree
+            state["passthrough"] = _nest(loaded.passthrough)
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(tmp, STATE_DIR), state)
+        checkpointer.wait_until_finished()
+        hf_files.write_json(os.path.join(tmp, HF_CONFIG_FILE), loaded.spec.hf_config)
+        if sidecar_from:
+            os.makedirs(os.path.join(tmp, SIDECAR_DIR))
+            for name in sidecar_files(sidecar_from):
+                shutil.copyfile(os.path.join(sidecar_from, name), os.path.join(tmp, SIDECAR_DIR, name))
+        # Written last: its presence marks a complete checkpoint.
+        hf_files.write_json(os.path.join(tmp, META_FILE), {
+            "format": FORMAT, "version": VERSION, "model_type": loaded.spec.model_type,
+            "text_config": loaded.spec.text.to_dict()})
+
+
+def read_meta(ckpt_dir: str) -> dict:
+    path = os.path.join(ckpt_dir, META_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{ckpt_dir}: not a casa-jax checkpoint (no {META_FILE}); create one with "
+                              "python -m casa_jax.convert --hf_dir=... --out_dir=...")
+    with open(path) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise CheckpointError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
+                              f"expected {FORMAT!r} version {VERSION}")
+    return meta
+
+
+def load_spec(ckpt_dir: str, **policy) -> ModelSpec:
+    meta = read_meta(ckpt_dir)
+    with open(os.path.join(ckpt_dir, HF_CONFIG_FILE)) as f:
+        hf_config = json.load(f)
+    text = TextConfig.from_dict({**meta["text_config"], **policy})
+    return ModelSpec(text=text, model_type=meta["model_type"], hf_config=hf_config)
+
+
+def restore_checkpoint(ckpt_dir: str, shardings: Any = None, **policy) -> LoadedCheckpoint:
+    """Read a checkpoint written by ``save_checkpoint``; ``shardings`` (a tree like the params) places
+    each array; by default everything lands on the first device."""
+    spec = load_spec(ckpt_dir, **policy)
+    state_dir = os.path.join(os.path.abspath(ckpt_dir), STATE_DIR)
+    checkpointer = ocp.StandardCheckpointer()
+    tree = checkpointer.metadata(state_dir).item_metadata.tree
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+    def abstract(meta, sharding=None):
+        return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding or default)
+
+    target = {}
+    if "passthrough" in tree:
+        target["passthrough"] = jax.tree.map(abstract, tree["passthrough"])
+    if shardings is None:
+        target["params"] = jax.tree.map(abstract, tree["params"])
+    else:
+        target["params"] = jax.tree.map(abstract, tree["params"], shardings)
+    state = checkpointer.restore(state_dir, target)
+    passthrough = {k: np.asarray(v) for k, v in _flatten(state.get("passthrough", {})).items()}
+    return LoadedCheckpoint(spec=spec, params=state["params"], passthrough=passthrough)
+
+
+def sidecar_dir(ckpt_dir: str) -> str | None:
+    path = os.path.join(ckpt_dir, SIDECAR_DIR)
+    return path if os.path.isdir(path) else None

@@ -1,0 +1,66 @@
+"""Convert checkpoints: Hugging Face safetensors -> casa-jax (orbax) and back.
+
+  python -m casa_jax.convert --hf_dir=IN --out_dir=CKPT
+  python -m casa_jax.convert --ckpt_dir=CKPT --export_hf_dir=OUT
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("hf_dir", None, "Hugging Face model directory to import (config.json + safetensors).")
+flags.DEFINE_string("out_dir", None, "Where to write the casa-jax checkpoint (with --hf_dir).")
+flags.DEFINE_string("ckpt_dir", None, "casa-jax checkpoint to export (with --export_hf_dir).")
+flags.DEFINE_string("export_hf_dir", None, "Where to write the Hugging Face directory (with --ckpt_dir).")
+flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"],
+                  "Cast weights on import (default: keep the file's dtype).")
+flags.DEFINE_integer("max_shard_mb", 5120, "Largest safetensors shard written on export, in MiB.")
+flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty output directory.")
+FLAGS = flags.FLAGS
+
+
+def hf_to_ckpt(hf_dir: str, out_dir: str, param_dtype: str | None = None, overwrite: bool = False) -> None:
+    from casa_jax.checkpoints.hf import load_hf_checkpoint
+    from casa_jax.checkpoints.orbax_io import save_checkpoint
+    loaded = load_hf_checkpoint(hf_dir, param_dtype=param_dtype)
+    save_checkpoint(out_dir, loaded, sidecar_from=hf_dir, overwrite=overwrite)
+
+
+def ckpt_to_hf(ckpt_dir: str, export_hf_dir: str, max_shard_bytes: int, overwrite: bool = False) -> None:
+    from casa_jax.checkpoints.hf import write_hf_checkpoint
+    from casa_jax.checkpoints.orbax_io import restore_checkpoint, sidecar_dir
+    loaded = restore_checkpoint(ckpt_dir)
+    write_hf_checkpoint(export_hf_dir, loaded.params, loaded.spec, loaded.passthrough,
+                        sidecar_dir=sidecar_dir(ckpt_dir), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+
+
+def main(argv):
+    del argv
+    from casa_jax.checkpoints.hf_files import CheckpointError
+    from casa_jax.model.config import ConfigError
+    logging.getLogger().setLevel(logging.INFO)
+    importing = FLAGS.hf_dir is not None or FLAGS.out_dir is not None
+    exporting = FLAGS.ckpt_dir is not None or FLAGS.export_hf_dir is not None
+    if importing == exporting:
+        raise app.UsageError("use either --hf_dir with --out_dir (import) or --ckpt_dir with --export_hf_dir (export)")
+    try:
+        if importing:
+            if not (FLAGS.hf_dir and FLAGS.out_dir):
+                raise app.UsageError("import needs both --hf_dir and --out_dir")
+            hf_to_ckpt(FLAGS.hf_dir, FLAGS.out_dir, FLAGS.param_dtype, FLAGS.overwrite)
+            print(f"wrote casa-jax checkpoint {FLAGS.out_dir}")
+        else:
+            if not (FLAGS.ckpt_dir and FLAGS.export_hf_dir):
+                raise app.UsageError("export needs both --ckpt_dir and --export_hf_dir")
+            ckpt_to_hf(FLAGS.ckpt_dir, FLAGS.export_hf_dir, FLAGS.max_shard_mb * 1024**2, FLAGS.overwrite)
+            print(f"wrote Hugging Face directory {FLAGS.export_hf_dir}")
+    except (CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,68 @@
+"""Grouped-query self-attention with q/k/v biases, rotary embeddings and an optional KV cache."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from casa_jax.model.layers import Dense
+from casa_jax.model.rope import apply_rotary
+
+
+def attention_mask_bias(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array) -> jax.Array:
+    """Boolean mask [B, 1, T, S]: causal by slot index and restricted to valid (non-padding) keys.
+
+    query_slots: [T] int, key_slots: [S] int, key_valid: [B, S] bool.
+    """
+    causal = key_slots[None, :] <= query_slots[:, None]  # [T, S]
+    return (causal[None] & key_valid[:, None, :])[:, None]
+
+
+class Attention(nn.Module):
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    use_bias: bool = True
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+                 layer_cache: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None):
+        """x [B, T, E]; cos/sin [B, T, D]; mask [B, 1, T, S] bool; layer_cache (k, v) [B, S, KVH, D].
+
+        Returns (output [B, T, E], updated (k, v) or None).
+        """
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        q = Dense((self.num_heads, self.head_dim), ("embed", "q_heads", "head_dim"),
+                  use_bias=self.use_bias, name="q_proj", **kw)(x)
+        k = Dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"),
+                  use_bias=self.use_bias, name="k_proj", **kw)(x)
+        v = Dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"),
+                  use_bias=self.use_bias, name="v_proj", **kw)(x)
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads",
+                                           "activation_head_dim"))
+
+        new_cache = None
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, axis=1)
+            new_cache = (k, v)
+            k, v = k.astype(self.dtype), v.astype(self.dtype)
+
+        b, t, _, d = q.shape
+        groups = self.num_heads // self.num_kv_heads
+        q = q.reshape(b, t, self.num_kv_heads, groups, d)
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(d ** -0.5, self.dtype)
+        scores = scores.astype(jnp.float32)
+        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads, d)
+        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads",
+                                               "activation_head_dim"))
+        out = Dense((x.shape[-1],), ("q_heads", "head_dim", "embed"), in_axes=2, name="o_proj", **kw)(out)
+        return out, new_cache

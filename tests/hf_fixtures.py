@@ -1,0 +1,79 @@
+"""Tiny random Hugging Face checkpoints, made with transformers itself, in every layout we read."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+TEXT = dict(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
+            num_attention_heads=6, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=256)
+VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=48,
+              fullatt_block_indexes=[0], spatial_merge_size=2, patch_size=14, temporal_patch_size=2)
+AUDIO = dict(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, output_dim=48,
+             num_mel_bins=128, n_window=8, max_source_positions=64)
+
+
+def make_qwen2(path: str, seed: int = 0, tie: bool = False, max_shard_size: str | None = None, **text) -> str:
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(**{**TEXT, **text}, tie_word_embeddings=tie,
+                                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    _randomize_norms(model)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return path
+
+
+def make_thinker(path: str, seed: int = 0, mrope_section=(2, 1, 1), tie: bool = False,
+                 max_shard_size: str | None = None, **text) -> str:
+    """A thinker saved by transformers: keys ``model.*``, ``lm_head.*``, ``visual.*``, ``audio_tower.*``."""
+    torch.manual_seed(seed)
+    text_cfg = {**TEXT, **text, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                  "mrope_section": list(mrope_section)}}
+    cfg = transformers.Qwen2_5OmniThinkerConfig(text_config=text_cfg, vision_config=VISION, audio_config=AUDIO,
+                                                tie_word_embeddings=tie, vision_start_token_id=151652)
+    model = transformers.Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
+    _randomize_norms(model)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return path
+
+
+def make_hub_omni(thinker_dir: str, path: str, shards: int = 1) -> str:
+    """The hub layout of a Qwen2.5-Omni repo: ``qwen2_5_omni`` config with ``thinker_config`` nested,
+    keys prefixed ``thinker.``, plus ``talker.*`` / ``token2wav.*`` tensors we must ignore."""
+    os.makedirs(path, exist_ok=True)
+    tensors = {}
+    for name in sorted(os.listdir(thinker_dir)):
+        if name.endswith(".safetensors"):
+            tensors.update({"thinker." + k: v for k, v in load_file(os.path.join(thinker_dir, name)).items()})
+    tensors["talker.model.embed_tokens.weight"] = torch.zeros(4, 3)
+    tensors["token2wav.code2wav_dit_model.proj.weight"] = torch.zeros(2, 2)
+    keys = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        part = keys[i::shards]
+        name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors" if shards > 1 else "model.safetensors"
+        save_file({k: tensors[k].contiguous() for k in part}, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in part})
+    if shards > 1:
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f)
+    with open(os.path.join(thinker_dir, "config.json")) as f:
+        thinker_cfg = json.load(f)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"model_type": "qwen2_5_omni", "architectures": ["Qwen2_5OmniModel"],
+                   "enable_audio_output": False, "thinker_config": thinker_cfg}, f)
+    return path
+
+
+def _randomize_norms(model: torch.nn.Module) -> None:
+    """Norm weights start at 1 and biases at 0; perturb them so a mapping bug cannot hide."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+                p.add_(0.1 * torch.randn_like(p))
+            elif name.endswith("_proj.bias"):
+                p.copy_(0.1 * torch.randn_like(p))
