@@ -22,23 +22,9 @@ flags.DEFINE_bool("overwrite", False, "Replace an existing non-empty output dire
 FLAGS = flags.FLAGS
 
 
-def hf_to_ckpt(hf_dir: str, out_dir: str, param_dtype: str | None = None, overwrite: bool = False) -> None:
-    from casa_jax.checkpoints.hf import load_hf_checkpoint
-    from casa_jax.checkpoints.orbax_io import save_checkpoint
-    loaded = load_hf_checkpoint(hf_dir, param_dtype=param_dtype)
-    save_checkpoint(out_dir, loaded, sidecar_from=hf_dir, overwrite=overwrite)
-
-
-def ckpt_to_hf(ckpt_dir: str, export_hf_dir: str, max_shard_bytes: int, overwrite: bool = False) -> None:
-    from casa_jax.checkpoints.hf import write_hf_checkpoint
-    from casa_jax.checkpoints.orbax_io import restore_checkpoint, sidecar_dir
-    loaded = restore_checkpoint(ckpt_dir)
-    write_hf_checkpoint(export_hf_dir, loaded.params, loaded.spec, loaded.passthrough,
-                        sidecar_dir=sidecar_dir(ckpt_dir), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-
-
 def main(argv):
     del argv
+    from casa_jax.checkpoints.convert_lib import ckpt_to_hf, hf_to_ckpt
     from casa_jax.checkpoints.hf_files import CheckpointError
     from casa_jax.model.config import ConfigError
     logging.getLogger().setLevel(logging.INFO)

@@ -67,11 +67,23 @@ def logical_to_sharding(logical_specs: Any, mesh: Mesh, rules=DEFAULT_RULES) -> 
     return nn.logical_to_mesh_sharding(logical_specs, mesh, list(rules))
 
 
+def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Drop mesh axes from dimensions they do not divide (e.g. 2 KV heads on tensor=4): those
+    dimensions are replicated instead of failing to shard."""
+    fitted = []
+    for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+        fitted.append(axes if dim % size == 0 else None)
+    return PartitionSpec(*fitted)
+
+
 def param_shardings(module: nn.Module, mesh: Mesh, *init_args, rules=DEFAULT_RULES, **init_kwargs) -> Any:
     """Shardings for ``module``'s params, derived from ``jax.eval_shape`` of its init (no allocation)."""
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *init_args, **init_kwargs))
-    specs = nn.get_partition_spec(abstract)["params"]
-    return logical_to_sharding(specs, mesh, rules)
+    shardings = logical_to_sharding(nn.get_partition_spec(abstract)["params"], mesh, rules)
+    return jax.tree.map(lambda s, a: NamedSharding(mesh, fit_spec(s.spec, a.shape, mesh)),
+                        shardings, nn.unbox(abstract["params"]))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,36 @@
+"""Generate a reply from a casa-jax checkpoint.
+
+  python -m casa_jax.generate --ckpt_dir=CKPT --prompt="What is the capital of France?"
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("ckpt_dir", None, "casa-jax checkpoint (from python -m casa_jax.convert).", required=True)
+flags.DEFINE_multi_string("prompt", ["Give three tips for staying healthy."], "User message(s); repeat for a batch.")
+flags.DEFINE_integer("max_new_tokens", 32, "Most tokens generated per reply.")
+flags.DEFINE_float("temperature", 0.0, "0 is greedy decoding.")
+flags.DEFINE_integer("top_k", None, "Sample only among the k most likely tokens (with --temperature > 0).")
+flags.DEFINE_integer("seed", 0, "Sampling seed.")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    from casa_jax.checkpoints.hf_files import CheckpointError
+    from casa_jax.sampling.chat import chat_replies
+    try:
+        replies = chat_replies(FLAGS.ckpt_dir, FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature,
+                               FLAGS.top_k, FLAGS.seed)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    for prompt, reply in zip(FLAGS.prompt, replies):
+        print(f"user: {prompt}\nassistant: {reply}\n")
+
+
+if __name__ == "__main__":
+    app.run(main)

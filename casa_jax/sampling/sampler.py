@@ -1,0 +1,104 @@
+"""A jitted sampler with a KV cache: bucketed prefill, then a ``lax.while_loop`` of one-token steps.
+
+Prompts are left-padded to a bucket length so a new prompt length rarely means a new compile.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from casa_jax.model.kv_cache import KVCache
+from casa_jax.model.rope import positions_from_mask
+from casa_jax.model.text_decoder import CausalLM
+from casa_jax.sampling.strategies import Greedy
+
+PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+
+
+def bucket_length(length: int, buckets: Sequence[int] = PREFILL_BUCKETS) -> int:
+    for b in buckets:
+        if length <= b:
+            return b
+    raise ValueError(f"prompt of {length} tokens is longer than the largest prefill bucket {buckets[-1]}")
+
+
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) [B, length] with every prompt right-aligned."""
+    ids = np.full((len(prompts), length), pad_id, np.int32)
+    mask = np.zeros((len(prompts), length), np.int32)
+    for row, p in enumerate(prompts):
+        if len(p) == 0:
+            raise ValueError(f"prompt {row} is empty")
+        ids[row, length - len(p):] = p
+        mask[row, length - len(p):] = 1
+    return ids, mask
+
+
+@flax.struct.dataclass
+class DecodeState:
+    cache: KVCache
+    logits: jax.Array  # [B, V] logits for the next token
+    positions: jax.Array  # [B] position of the next token
+    tokens: jax.Array  # [B, max_new_tokens] generated ids (pad after done)
+    done: jax.Array  # [B] bool
+    step: jax.Array  # [] int32
+    rng: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """Greedy or stochastic decoding for a ``CausalLM``; ``generate`` works on token-id lists."""
+
+    model: CausalLM
+    eos_ids: tuple[int, ...]
+    pad_id: int = 0
+    strategy: object = Greedy()
+
+    def __post_init__(self):
+        object.__setattr__(self, "_run_jit", jax.jit(self._run, static_argnums=(4,)))
+
+    def _run(self, params, ids, mask, rng, max_new_tokens: int):
+        batch, length = ids.shape
+        cache = KVCache.for_config(self.model.config, batch, length + max_new_tokens)
+        positions = positions_from_mask(mask)
+        out = self.model.apply({"params": params}, ids, positions, mask, cache=cache)
+        state = DecodeState(cache=out.cache, logits=out.logits[:, -1], positions=positions[:, -1] + 1,
+                            tokens=jnp.full((batch, max_new_tokens), self.pad_id, jnp.int32),
+                            done=jnp.zeros((batch,), bool), step=jnp.zeros((), jnp.int32), rng=rng)
+        eos = jnp.asarray(self.eos_ids, jnp.int32)
+
+        def cond(s: DecodeState):
+            return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+        def body(s: DecodeState):
+            rng, key = jax.random.split(s.rng)
+            token = self.strategy(s.logits, key)
+            token = jnp.where(s.done, self.pad_id, token)
+            tokens = s.tokens.at[:, s.step].set(token)
+            done = s.done | jnp.isin(token, eos)
+            step_out = self.model.apply({"params": params}, token[:, None], s.positions[:, None],
+                                        jnp.ones((batch, 1), jnp.int32), cache=s.cache)
+            return DecodeState(cache=step_out.cache, logits=step_out.logits[:, -1], positions=s.positions + 1,
+                               tokens=tokens, done=done, step=s.step + 1, rng=rng)
+
+        final = jax.lax.while_loop(cond, body, state)
+        return final.tokens
+
+    def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
+                 rng: jax.Array | None = None) -> list[list[int]]:
+        """Token ids generated for each prompt, up to and excluding the first EOS."""
+        length = bucket_length(max(len(p) for p in prompts))
+        ids, mask = left_pad(prompts, length, self.pad_id)
+        rng = jax.random.key(0) if rng is None else rng
+        tokens = np.asarray(self._run_jit(params, ids, mask, rng, max_new_tokens))
+        results = []
+        for row in tokens.tolist():
+            cut = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
+            results.append(row[:cut])
+        return results

@@ -1,0 +1,76 @@
+"""The embedded tiny default: a random tiny model plus a real byte-level BPE tokenizer, built offline.
+
+Nothing is downloaded: the tokenizer is trained on a short embedded text, and the model comes from
+``configs/tiny.py`` with random weights. Used by the README's main job and by the tests.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import ml_collections
+
+from casa_jax.model.config import ModelSpec, TextConfig, text_config_to_hf
+
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen's ChatML template, with its default system prompt.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = """You are a helpful assistant. Give three tips for staying healthy: eat a balanced diet,
+exercise regularly, and get enough sleep. The capital of France is Paris. Water boils at one hundred
+degrees Celsius at sea level. Write a short poem about the sea: the waves roll in, the tide goes out,
+the gulls cry over the grey water. I cannot help with that request, because it could cause harm.
+Sorry, but I can't assist with that. Here is a recipe for bread: flour, water, salt and yeast.
+Explain photosynthesis: plants turn light, water and carbon dioxide into sugar and oxygen.
+How do I learn a new language? Practice every day, read, listen and speak with others.
+"""
+
+
+def build_tokenizer(vocab_size: int):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with ChatML special tokens, trained on ``CORPUS``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([CORPUS] * 4, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_spec(config: ml_collections.ConfigDict) -> ModelSpec:
+    text = TextConfig.from_dict(config.model.to_dict())
+    return ModelSpec(text=text, model_type="qwen2", hf_config=text_config_to_hf(text))
+
+
+def write_tiny_hf_dir(out_dir: str, config: ml_collections.ConfigDict, overwrite: bool = False) -> str:
+    """A Hugging Face directory (safetensors, config.json, tokenizer) of a random tiny model."""
+    from casa_jax.checkpoints.hf import write_hf_checkpoint
+    from casa_jax.model.text_decoder import CausalLM, init_inputs
+    import flax.linen as nn
+    import tempfile
+
+    spec = tiny_spec(config)
+    params = nn.unbox(CausalLM(spec.text).init(jax.random.key(config.seed), *init_inputs())["params"])
+    with tempfile.TemporaryDirectory() as sidecar:
+        tokenizer = build_tokenizer(spec.text.vocab_size)
+        if len(tokenizer) > spec.text.vocab_size:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but vocab_size is {spec.text.vocab_size}")
+        tokenizer.save_pretrained(sidecar)
+        write_hf_checkpoint(out_dir, params, spec, sidecar_dir=sidecar, overwrite=overwrite, progress=False)
+    return out_dir
+
+
+def default_workdir() -> str:
+    return os.path.join(os.getcwd(), "workdir", "tiny")
