@@ -25,12 +25,11 @@ def run(workdir: str) -> dict:
     from casa_jax.checkpoints.convert_lib import ckpt_to_hf, hf_to_ckpt
     from casa_jax.sampling.chat import chat_replies
     from casa_jax.tiny import write_tiny_hf_dir
-    from configs.tiny import get_config
 
     hf_dir, ckpt_dir, export_dir = (os.path.join(workdir, n) for n in ("tiny_hf", "tiny_ckpt", "tiny_hf_export"))
     t0 = time.time()
     print(f"[1/4] writing a random tiny Hugging Face model to {hf_dir}")
-    write_tiny_hf_dir(hf_dir, get_config(), overwrite=True)
+    write_tiny_hf_dir(hf_dir, overwrite=True)
     print(f"[2/4] converting it to a casa-jax checkpoint in {ckpt_dir}")
     hf_to_ckpt(hf_dir, ckpt_dir, overwrite=True)
     print(f"[3/4] exporting back to {export_dir} and comparing every tensor")

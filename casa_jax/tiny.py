@@ -6,12 +6,30 @@ Nothing is downloaded: the tokenizer is trained on a short embedded text, and th
 
 from __future__ import annotations
 
-import os
-
 import jax
-import ml_collections
 
 from casa_jax.model.config import ModelSpec, TextConfig, text_config_to_hf
+
+# The tiny default model (configs/tiny.py wraps it in an ml_collections ConfigDict).
+TINY_MODEL = dict(
+    vocab_size=512,  # the tokenizer below is trained to exactly this size or less
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=None,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    mrope_section=None,  # plain 1-D RoPE: exports as a Qwen2ForCausalLM
+    tie_word_embeddings=True,
+    attention_bias=True,
+    max_position_embeddings=2048,
+    dtype="float32",
+    param_dtype="float32",
+    remat_policy="none",
+)
+TINY_SEED = 0
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # Qwen's ChatML template, with its default system prompt.
@@ -49,20 +67,23 @@ def build_tokenizer(vocab_size: int):
     return fast
 
 
-def tiny_spec(config: ml_collections.ConfigDict) -> ModelSpec:
-    text = TextConfig.from_dict(config.model.to_dict())
+def tiny_spec(model: dict | None = None) -> ModelSpec:
+    text = TextConfig.from_dict(model or TINY_MODEL)
     return ModelSpec(text=text, model_type="qwen2", hf_config=text_config_to_hf(text))
 
 
-def write_tiny_hf_dir(out_dir: str, config: ml_collections.ConfigDict, overwrite: bool = False) -> str:
+def write_tiny_hf_dir(out_dir: str, model: dict | None = None, seed: int = TINY_SEED,
+                      overwrite: bool = False) -> str:
     """A Hugging Face directory (safetensors, config.json, tokenizer) of a random tiny model."""
-    from casa_jax.checkpoints.hf import write_hf_checkpoint
-    from casa_jax.model.text_decoder import CausalLM, init_inputs
-    import flax.linen as nn
     import tempfile
 
-    spec = tiny_spec(config)
-    params = nn.unbox(CausalLM(spec.text).init(jax.random.key(config.seed), *init_inputs())["params"])
+    import flax.linen as nn
+
+    from casa_jax.checkpoints.hf import write_hf_checkpoint
+    from casa_jax.model.text_decoder import CausalLM, init_inputs
+
+    spec = tiny_spec(model)
+    params = nn.unbox(CausalLM(spec.text).init(jax.random.key(seed), *init_inputs())["params"])
     with tempfile.TemporaryDirectory() as sidecar:
         tokenizer = build_tokenizer(spec.text.vocab_size)
         if len(tokenizer) > spec.text.vocab_size:
@@ -70,7 +91,3 @@ def write_tiny_hf_dir(out_dir: str, config: ml_collections.ConfigDict, overwrite
         tokenizer.save_pretrained(sidecar)
         write_hf_checkpoint(out_dir, params, spec, sidecar_dir=sidecar, overwrite=overwrite, progress=False)
     return out_dir
-
-
-def default_workdir() -> str:
-    return os.path.join(os.getcwd(), "workdir", "tiny")

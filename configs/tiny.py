@@ -1,30 +1,16 @@
-"""The embedded tiny default: a 2-layer Qwen2.5-style decoder that runs in seconds on a laptop CPU.
+"""The embedded tiny default: a 2-layer Qwen2.5-style decoder that runs in seconds on a CPU.
 
 Random-initialised; it shows the mechanics (conversion, decoding, later CASA training), not quality.
+The values live in ``casa_jax.tiny.TINY_MODEL`` so the installed package carries them too.
 """
 
 import ml_collections
 
+from casa_jax.tiny import TINY_MODEL, TINY_SEED
+
 
 def get_config():
     config = ml_collections.ConfigDict()
-    config.model = ml_collections.ConfigDict(dict(
-        vocab_size=512,  # matches the demo's byte-level BPE tokenizer (casa_jax.tiny)
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=None,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        mrope_section=None,  # plain 1-D RoPE; exports as a Qwen2ForCausalLM
-        tie_word_embeddings=True,
-        attention_bias=True,
-        max_position_embeddings=2048,
-        dtype="float32",
-        param_dtype="float32",
-        remat_policy="none",
-    ))
-    config.seed = 0
+    config.model = ml_collections.ConfigDict(TINY_MODEL)
+    config.seed = TINY_SEED
     return config
