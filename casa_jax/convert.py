@@ -6,10 +6,11 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 
 from absl import app, flags
+
+from casa_jax.cli_logging import quiet_libraries
 
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory to import (config.json + safetensors).")
 flags.DEFINE_string("out_dir", None, "Where to write the casa-jax checkpoint (with --hf_dir).")
@@ -27,7 +28,7 @@ def main(argv):
     from casa_jax.checkpoints.convert_lib import ckpt_to_hf, hf_to_ckpt
     from casa_jax.checkpoints.hf_files import CheckpointError
     from casa_jax.model.config import ConfigError
-    logging.getLogger().setLevel(logging.INFO)
+    quiet_libraries()
     importing = FLAGS.hf_dir is not None or FLAGS.out_dir is not None
     exporting = FLAGS.ckpt_dir is not None or FLAGS.export_hf_dir is not None
     if importing == exporting:

@@ -14,6 +14,8 @@ import time
 
 from absl import app, flags
 
+from casa_jax.cli_logging import quiet_libraries
+
 flags.DEFINE_string("workdir", os.path.join("workdir", "demo"), "Where the demo writes its files.")
 FLAGS = flags.FLAGS
 
@@ -52,6 +54,7 @@ def run(workdir: str) -> dict:
 
 def main(argv):
     del argv
+    quiet_libraries()
     run(FLAGS.workdir)
 
 

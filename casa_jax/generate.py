@@ -9,6 +9,8 @@ import sys
 
 from absl import app, flags
 
+from casa_jax.cli_logging import quiet_libraries
+
 flags.DEFINE_string("ckpt_dir", None, "casa-jax checkpoint (from python -m casa_jax.convert).", required=True)
 flags.DEFINE_multi_string("prompt", ["Give three tips for staying healthy."], "User message(s); repeat for a batch.")
 flags.DEFINE_integer("max_new_tokens", 32, "Most tokens generated per reply.")
@@ -20,6 +22,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    quiet_libraries()
     from casa_jax.checkpoints.hf_files import CheckpointError
     from casa_jax.sampling.chat import chat_replies
     try:

@@ -16,6 +16,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from casa_jax.cli_logging import quiet_libraries
+
 DEFAULT_PROMPTS = (
     "Give three tips for staying healthy.",
     "What is the capital of France?",
@@ -113,6 +115,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
+    quiet_libraries()
     from casa_jax.checkpoints.hf_files import CheckpointError
     from casa_jax.model.config import ConfigError
     try:
