@@ -184,6 +184,26 @@ def test_outputs_are_never_clobbered_or_half_written(dirs, tmp_path):
     assert os.path.isfile(os.path.join(out, "config.json"))
 
 
+def test_in_memory_key_style_is_accepted(dirs, tmp_path):
+    """transformers' in-memory thinker names: model.language_model.*, model.visual.*, model.audio_tower.*."""
+    src = str(tmp_path / "in_memory")
+    shutil.copytree(dirs["thinker"], src)
+    path = os.path.join(src, "model.safetensors")
+    renamed = {}
+    for key, value in load_file(path).items():
+        if key.startswith("model."):
+            key = "model.language_model." + key[len("model."):]
+        elif key.startswith(("visual.", "audio_tower.")):
+            key = "model." + key
+        renamed[key] = value
+    save_file(renamed, path, metadata={"format": "pt"})
+    a = load_hf_checkpoint(src, progress=False)
+    b = load_hf_checkpoint(dirs["thinker"], progress=False)
+    assert a.passthrough.keys() == b.passthrough.keys()
+    np.testing.assert_array_equal(np.asarray(a.params["layers"]["self_attn"]["q_proj"]["kernel"]),
+                                  np.asarray(b.params["layers"]["self_attn"]["q_proj"]["kernel"]))
+
+
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="not a casa-jax checkpoint"):
         restore_checkpoint(str(tmp_path))

@@ -85,3 +85,12 @@ def test_load_hf_spec_errors(tmp_path):
         load_hf_spec(str(tmp_path))
     (tmp_path / "config.json").write_text(json.dumps(_omni(PUBLISHED_3B_TEXT)))
     assert load_hf_spec(str(tmp_path)).text.hidden_size == 2048
+
+
+def test_qwen2_export_config_refuses_mrope():
+    from casa_jax.model.config import text_config_to_hf
+    text = spec_from_hf_config(_omni(PUBLISHED_3B_TEXT)).text
+    with pytest.raises(ConfigError, match="exports only as a Qwen2.5-Omni thinker"):
+        text_config_to_hf(text)
+    plain = text_config_to_hf(text.replace(mrope_section=None))
+    assert spec_from_hf_config(plain).text == text.replace(mrope_section=None)

@@ -214,10 +214,14 @@ def load_hf_spec(hf_dir: str, **policy) -> ModelSpec:
 
 
 def text_config_to_hf(text: TextConfig) -> dict[str, Any]:
-    """A ``qwen2`` config.json for a text config (used when exporting a model that has no original)."""
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": text.rope_theta}
+    """A ``qwen2`` config.json for a text config (used when exporting a model that has no original).
+
+    Qwen2ForCausalLM has only 1-D RoPE, so an M-RoPE config cannot be described this way.
+    """
     if text.mrope_section is not None:
-        rope["mrope_section"] = list(text.mrope_section)
+        raise ConfigError("a TextConfig with mrope_section exports only as a Qwen2.5-Omni thinker, which "
+                          "needs the original thinker config.json; set mrope_section=None for a Qwen2 model")
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": text.rope_theta}
     out = {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": QWEN2,

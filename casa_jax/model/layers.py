@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 Dtype = jnp.dtype
 default_kernel_init = nn.initializers.normal(stddev=0.02)
-
-
-def canonical_dtype(name: str | Dtype) -> Dtype:
-    return jnp.dtype(name)
 
 
 class Dense(nn.Module):
@@ -101,8 +95,3 @@ class SwiGLU(nn.Module):
         h = nn.silu(gate) * up
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
         return Dense((x.shape[-1],), ("mlp", "embed"), name="down_proj", **kw)(h)
-
-
-def logical_names(tree) -> Sequence:
-    """The logical axis names of a boxed parameter tree (for tests and sharding reports)."""
-    return nn.get_partition_spec(tree)
