@@ -6,11 +6,9 @@
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
-from casa_jax.cli_logging import quiet_libraries
+from casa_jax.cli import exit_on_bad_input, quiet_libraries
 
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory to import (config.json + safetensors).")
 flags.DEFINE_string("out_dir", None, "Where to write the casa-jax checkpoint (with --hf_dir).")
@@ -26,14 +24,12 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     from casa_jax.checkpoints.convert_lib import ckpt_to_hf, hf_to_ckpt
-    from casa_jax.checkpoints.hf_files import CheckpointError
-    from casa_jax.model.config import ConfigError
     quiet_libraries()
     importing = FLAGS.hf_dir is not None or FLAGS.out_dir is not None
     exporting = FLAGS.ckpt_dir is not None or FLAGS.export_hf_dir is not None
     if importing == exporting:
         raise app.UsageError("use either --hf_dir with --out_dir (import) or --ckpt_dir with --export_hf_dir (export)")
-    try:
+    with exit_on_bad_input():
         if importing:
             if not (FLAGS.hf_dir and FLAGS.out_dir):
                 raise app.UsageError("import needs both --hf_dir and --out_dir")
@@ -44,9 +40,6 @@ def main(argv):
                 raise app.UsageError("export needs both --ckpt_dir and --export_hf_dir")
             ckpt_to_hf(FLAGS.ckpt_dir, FLAGS.export_hf_dir, FLAGS.max_shard_mb * 1024**2, FLAGS.overwrite)
             print(f"wrote Hugging Face directory {FLAGS.export_hf_dir}")
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import time
 
 from absl import app, flags
 
-from casa_jax.cli_logging import quiet_libraries
+from casa_jax.cli import quiet_libraries
 
 flags.DEFINE_string("workdir", os.path.join("workdir", "demo"), "Where the demo writes its files.")
 FLAGS = flags.FLAGS

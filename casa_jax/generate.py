@@ -5,11 +5,9 @@
 
 from __future__ import annotations
 
-import sys
-
 from absl import app, flags
 
-from casa_jax.cli_logging import quiet_libraries
+from casa_jax.cli import exit_on_bad_input, quiet_libraries
 
 flags.DEFINE_string("ckpt_dir", None, "casa-jax checkpoint (from python -m casa_jax.convert).", required=True)
 flags.DEFINE_multi_string("prompt", ["Give three tips for staying healthy."], "User message(s); repeat for a batch.")
@@ -23,14 +21,10 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     quiet_libraries()
-    from casa_jax.checkpoints.hf_files import CheckpointError
     from casa_jax.sampling.chat import chat_replies
-    try:
+    with exit_on_bad_input():
         replies = chat_replies(FLAGS.ckpt_dir, FLAGS.prompt, FLAGS.max_new_tokens, FLAGS.temperature,
                                FLAGS.top_k, FLAGS.seed)
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     for prompt, reply in zip(FLAGS.prompt, replies):
         print(f"user: {prompt}\nassistant: {reply}\n")
 

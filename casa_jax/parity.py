@@ -16,7 +16,7 @@ import sys
 import numpy as np
 from absl import app, flags
 
-from casa_jax.cli_logging import quiet_libraries
+from casa_jax.cli import exit_on_bad_input, quiet_libraries
 
 DEFAULT_PROMPTS = (
     "Give three tips for staying healthy.",
@@ -116,13 +116,8 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     quiet_libraries()
-    from casa_jax.checkpoints.hf_files import CheckpointError
-    from casa_jax.model.config import ConfigError
-    try:
+    with exit_on_bad_input():
         result = run_parity(FLAGS.hf_dir, FLAGS.dtype)
-    except (CheckpointError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(f"reference: transformers {result.model_class} ({FLAGS.dtype}, eager attention)")
     print(f"tokens compared: {result.num_tokens} (padded batch)")
     print(f"max |logit diff|: {result.max_abs_diff:.3e}")

@@ -42,3 +42,14 @@ def text(**values) -> ml_collections.ConfigDict:
                 tie_word_embeddings=False, attention_bias=True, max_position_embeddings=32768,
                 dtype="bfloat16", param_dtype="float32", remat_policy="dots_with_no_batch_dims")
     return ml_collections.ConfigDict({**base, **values})
+
+
+def thinker_config(**text_values) -> ml_collections.ConfigDict:
+    """A full thinker config: the text decoder with ``text_values``, encoders projecting to its width."""
+    config = ml_collections.ConfigDict()
+    config.model = text(**text_values)
+    config.vision = vision(out_hidden_size=text_values["hidden_size"])
+    config.audio = audio(output_dim=text_values["hidden_size"])
+    config.thinker = ml_collections.ConfigDict(THINKER_TOKENS)
+    config.seed = 0
+    return config
