@@ -25,8 +25,8 @@ def chat_replies(ckpt_dir: str, prompts, max_new_tokens: int, temperature: float
     from casa_jax.sampling.sampler import Sampler
     from casa_jax.sampling.strategies import from_temperature
 
+    loaded = restore_checkpoint(ckpt_dir)  # first: says plainly when ckpt_dir is no checkpoint
     tokenizer = load_tokenizer(ckpt_dir)
-    loaded = restore_checkpoint(ckpt_dir)
     ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                          tokenize=True, return_dict=False) for p in prompts]
     eos = tuple(sorted({tokenizer.eos_token_id, *(
