@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 
 TEXT = dict(vocab_size=97, hidden_size=48, intermediate_size=40, num_hidden_layers=2,
             num_attention_heads=6, num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=256)
-VISION = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=48,
-              fullatt_block_indexes=[0], spatial_merge_size=2, patch_size=14, temporal_patch_size=2)
+VISION = dict(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=48, window_size=56,
+              fullatt_block_indexes=[1], spatial_merge_size=2, patch_size=14, temporal_patch_size=2)
 AUDIO = dict(d_model=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32, output_dim=48,
              num_mel_bins=128, n_window=8, max_source_positions=64)
 

@@ -15,5 +15,5 @@ def hf_to_ckpt(hf_dir: str, out_dir: str, param_dtype: str | None = None, overwr
 def ckpt_to_hf(ckpt_dir: str, export_hf_dir: str, max_shard_bytes: int, overwrite: bool = False) -> None:
     """casa-jax checkpoint -> Hugging Face directory that transformers loads."""
     loaded = restore_checkpoint(ckpt_dir)
-    write_hf_checkpoint(export_hf_dir, loaded.params, loaded.spec, loaded.passthrough,
+    write_hf_checkpoint(export_hf_dir, loaded.params, loaded.spec, loaded.encoders,
                         sidecar_dir=sidecar_dir(ckpt_dir), max_shard_bytes=max_shard_bytes, overwrite=overwrite)

@@ -5,7 +5,7 @@ Layout of ``CKPT``::
     casa_jax.json     format marker, model type and the TextConfig
     hf_config.json    the original Hugging Face config.json, verbatim
     hf_sidecar/       tokenizer / chat-template files copied from the HF directory
-    state/            orbax StandardCheckpointer: {"params": ..., "passthrough": {...}}
+    state/            orbax StandardCheckpointer: {"params": ..., "encoders": {...}} (encoders: thinkers only)
 
 The whole directory is written beside its destination and renamed into place, so an interrupted
 write never leaves a directory that looks complete.
@@ -16,10 +16,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any, Mapping
+from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 
 from casa_jax.checkpoints import hf_files
@@ -28,43 +27,20 @@ from casa_jax.checkpoints.hf_files import CheckpointError
 from casa_jax.model.config import ModelSpec, TextConfig
 
 FORMAT = "casa_jax.params"
-VERSION = 1
+VERSION = 2  # 2: real encoder params (version 1 carried encoder tensors verbatim)
 META_FILE = "casa_jax.json"
 HF_CONFIG_FILE = "hf_config.json"
 SIDECAR_DIR = "hf_sidecar"
 STATE_DIR = "state"
 
 
-def _nest(flat: Mapping[str, Any]) -> dict:
-    """{"visual.blocks.0.w": x} -> {"visual": {"blocks": {"0": {"w": x}}}} (orbax-friendly names)."""
-    out: dict = {}
-    for key, value in flat.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
-
-
-def _flatten(nested: Mapping, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for key, value in nested.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 def save_checkpoint(ckpt_dir: str, loaded: LoadedCheckpoint, sidecar_from: str | None = None,
                     overwrite: bool = False) -> None:
-    """Write params (+ passthrough tensors, configs, tokenizer files) to ``ckpt_dir`` atomically."""
+    """Write params (+ encoder params, configs, tokenizer files) to ``ckpt_dir`` atomically."""
     with hf_files.atomic_directory(ckpt_dir, overwrite=overwrite) as tmp:
         state = {"params": loaded.params}
-        if loaded.passthrough:  # orbax cannot store an empty subtree
-            state["passthrough"] = _nest(loaded.passthrough)
+        if loaded.encoders:  # orbax cannot store an empty subtree
+            state["encoders"] = loaded.encoders
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(tmp, STATE_DIR), state)
         checkpointer.wait_until_finished()
@@ -113,15 +89,14 @@ def restore_checkpoint(ckpt_dir: str, shardings: Any = None, **policy) -> Loaded
         return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding or default)
 
     target = {}
-    if "passthrough" in tree:
-        target["passthrough"] = jax.tree.map(abstract, tree["passthrough"])
+    if "encoders" in tree:
+        target["encoders"] = jax.tree.map(abstract, tree["encoders"])
     if shardings is None:
         target["params"] = jax.tree.map(abstract, tree["params"])
     else:
         target["params"] = jax.tree.map(abstract, tree["params"], shardings)
     state = checkpointer.restore(state_dir, target)
-    passthrough = {k: np.asarray(v) for k, v in _flatten(state.get("passthrough", {})).items()}
-    return LoadedCheckpoint(spec=spec, params=state["params"], passthrough=passthrough)
+    return LoadedCheckpoint(spec=spec, params=state["params"], encoders=state.get("encoders", {}))
 
 
 def sidecar_dir(ckpt_dir: str) -> str | None:
