@@ -27,14 +27,21 @@ def make_qwen2(path: str, seed: int = 0, tie: bool = False, max_shard_size: str 
     return path
 
 
+# Special tokens inside the tiny vocab (the real ones, ~151k, would not fit).
+THINKER_TOKENS = dict(audio_token_index=90, image_token_index=91, video_token_index=92, vision_start_token_id=93,
+                      vision_end_token_id=94, audio_start_token_id=95, audio_end_token_id=96)
+
+
 def make_thinker(path: str, seed: int = 0, mrope_section=(2, 1, 1), tie: bool = False,
-                 max_shard_size: str | None = None, **text) -> str:
+                 max_shard_size: str | None = None, vision: dict | None = None, audio: dict | None = None,
+                 **text) -> str:
     """A thinker saved by transformers: keys ``model.*``, ``lm_head.*``, ``visual.*``, ``audio_tower.*``."""
     torch.manual_seed(seed)
     text_cfg = {**TEXT, **text, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
                                                   "mrope_section": list(mrope_section)}}
-    cfg = transformers.Qwen2_5OmniThinkerConfig(text_config=text_cfg, vision_config=VISION, audio_config=AUDIO,
-                                                tie_word_embeddings=tie, vision_start_token_id=151652)
+    cfg = transformers.Qwen2_5OmniThinkerConfig(text_config=text_cfg, vision_config={**VISION, **(vision or {})},
+                                                audio_config={**AUDIO, **(audio or {})}, tie_word_embeddings=tie,
+                                                **THINKER_TOKENS)
     model = transformers.Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
     _randomize_norms(model)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))

@@ -1,0 +1,165 @@
+"""Multimodal thinker parity with transformers' Qwen2_5OmniThinkerForConditionalGeneration (fp32, eager):
+encoder outputs and logits for text+image, text+video, text+audio, mixed, two image sizes, and the
+KV cache after a multimodal prefill."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import hf_fixtures as fx
+from casa_jax.checkpoints.hf import load_hf_checkpoint
+from casa_jax.model.kv_cache import KVCache
+from casa_jax.model.thinker import Thinker
+
+TK = fx.THINKER_TOKENS
+IMAGE, VIDEO, AUDIO = TK["image_token_index"], TK["video_token_index"], TK["audio_token_index"]
+V_START, V_END, A_START, A_END = (TK["vision_start_token_id"], TK["vision_end_token_id"],
+                                  TK["audio_start_token_id"], TK["audio_end_token_id"])
+MERGE = 4  # spatial_merge_size ** 2
+
+
+@pytest.fixture(scope="module")
+def models(hf_root):
+    path = fx.make_thinker(str(hf_root / "t_thinker"), seed=11)
+    hf = transformers.Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager").eval()
+    loaded = load_hf_checkpoint(path, progress=False)
+    thinker = Thinker.from_spec(loaded.spec)
+    forward = jax.jit(lambda p, e, inputs: thinker(p, e, inputs).logits)
+    return hf, thinker, loaded, forward
+
+
+def _text(rng, n):
+    return rng.integers(3, 80, n).tolist()
+
+
+def _image(rng, grid):
+    t, h, w = grid
+    return rng.standard_normal((t * h * w, 3 * 2 * 14 * 14)).astype(np.float32), list(grid)
+
+
+def _audio(rng, frames, total):
+    feats = np.zeros((128, total), np.float32)
+    feats[:, :frames] = rng.standard_normal((128, frames))
+    mask = np.zeros(total, np.int64)
+    mask[:frames] = 1
+    return feats, mask
+
+
+def _audio_tokens(frames):
+    return ((frames - 1) // 2 + 1 - 2) // 2 + 1
+
+
+def _batch(rows):
+    """Left-pad token rows (as the processor does) -> ids, mask."""
+    length = max(map(len, rows))
+    ids = np.zeros((len(rows), length), np.int64)
+    mask = np.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    return ids, mask
+
+
+def _compare(models, ids, mask, **media):
+    hf, thinker, loaded, forward = models
+    torch_inputs = {k: torch.tensor(np.asarray(v)) for k, v in media.items() if k != "video_second_per_grid"}
+    if "video_second_per_grid" in media:
+        torch_inputs["video_second_per_grid"] = torch.tensor(media["video_second_per_grid"])
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **torch_inputs).logits.numpy()
+    inputs = thinker.prepare(input_ids=ids, attention_mask=mask, **media)
+    out = np.asarray(forward(loaded.params, loaded.encoders, inputs))
+    real = mask.astype(bool)
+    diff = np.abs(out[real] - ref[real]).max()
+    assert diff <= 1e-4, diff
+    return inputs
+
+
+def test_text_and_two_image_sizes(models):
+    rng = np.random.default_rng(0)
+    (p1, g1), (p2, g2) = _image(rng, (1, 10, 6)), _image(rng, (1, 4, 8))
+    rows = [_text(rng, 5) + [V_START] + [IMAGE] * (60 // MERGE) + [V_END] + _text(rng, 4),
+            _text(rng, 3) + [V_START] + [IMAGE] * (32 // MERGE) + [V_END] + _text(rng, 2)]
+    ids, mask = _batch(rows)
+    _compare(models, ids, mask, pixel_values=np.concatenate([p1, p2]), image_grid_thw=np.array([g1, g2]))
+
+
+def test_text_and_video(models):
+    rng = np.random.default_rng(1)
+    pix, grid = _image(rng, (3, 6, 4))
+    rows = [_text(rng, 4) + [V_START] + [VIDEO] * (72 // MERGE) + [V_END] + _text(rng, 3)]
+    ids, mask = _batch(rows)
+    _compare(models, ids, mask, pixel_values_videos=pix, video_grid_thw=np.array([grid]),
+             video_second_per_grid=[1.0])
+
+
+def test_text_and_audio_batch(models):
+    rng = np.random.default_rng(2)
+    f1, m1 = _audio(rng, 45, 60)
+    f2, m2 = _audio(rng, 60, 60)
+    rows = [_text(rng, 4) + [A_START] + [AUDIO] * _audio_tokens(45) + [A_END] + _text(rng, 2),
+            _text(rng, 2) + [A_START] + [AUDIO] * _audio_tokens(60) + [A_END] + _text(rng, 5)]
+    ids, mask = _batch(rows)
+    _compare(models, ids, mask, input_features=np.stack([f1, f2]), feature_attention_mask=np.stack([m1, m2]))
+
+
+def test_mixed_image_audio_video(models):
+    rng = np.random.default_rng(3)
+    ip, ig = _image(rng, (1, 4, 4))
+    vp, vg = _image(rng, (2, 4, 6))
+    feats, fmask = _audio(rng, 33, 33)
+    rows = [_text(rng, 3) + [V_START] + [IMAGE] * 4 + [V_END] + _text(rng, 2) + [A_START]
+            + [AUDIO] * _audio_tokens(33) + [A_END] + [V_START] + [VIDEO] * 12 + [V_END] + _text(rng, 3)]
+    ids, mask = _batch(rows)
+    _compare(models, ids, mask, pixel_values=ip, image_grid_thw=np.array([ig]), pixel_values_videos=vp,
+             video_grid_thw=np.array([vg]), video_second_per_grid=[0.5], input_features=feats[None],
+             feature_attention_mask=fmask[None])
+
+
+def test_kv_cache_after_multimodal_prefill(models):
+    """Prefill an image prompt into the cache, decode two tokens at max position + 1, + 2: equal to
+    transformers' full forward over the longer sequence."""
+    hf, thinker, loaded, _ = models
+    rng = np.random.default_rng(4)
+    pix, grid = _image(rng, (1, 6, 4))
+    prompt = _text(rng, 3) + [V_START] + [IMAGE] * 6 + [V_END] + _text(rng, 2)
+    extra = _text(rng, 2)
+    ids, mask = _batch([prompt])
+    inputs = thinker.prepare(input_ids=ids, attention_mask=mask, pixel_values=pix, image_grid_thw=np.array([grid]))
+    cache = KVCache.for_config(thinker.text, 1, ids.shape[1] + 2)
+    out = thinker(loaded.params, loaded.encoders, inputs, cache=cache)
+    logits = []
+    cache = out.cache
+    next_pos = int(np.asarray(inputs.positions).max()) + 1
+    assert next_pos == mask.sum() + int(inputs.rope_deltas[0])
+    for i, tok in enumerate(extra):
+        step = thinker.decoder.apply({"params": loaded.params}, jnp.asarray([[tok]]), jnp.asarray([[next_pos + i]]),
+                                     jnp.ones((1, 1), jnp.int32), cache=cache)
+        cache = step.cache
+        logits.append(np.asarray(step.logits[0, -1]))
+    full_ids = np.asarray([prompt + extra])
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(full_ids), attention_mask=torch.ones_like(torch.tensor(full_ids)),
+                 pixel_values=torch.tensor(pix), image_grid_thw=torch.tensor([grid])).logits.numpy()[0, -2:]
+    assert np.abs(np.stack(logits) - ref).max() <= 1e-4
+
+
+def test_placeholder_count_mismatch_is_an_error(models):
+    _, thinker, _, _ = models
+    rng = np.random.default_rng(5)
+    pix, grid = _image(rng, (1, 4, 4))
+    ids, mask = _batch([_text(rng, 3) + [V_START] + [IMAGE] * 3 + [V_END]])
+    with pytest.raises(ValueError, match="image: the prompt has 3 placeholder tokens .* gives 4 image features"):
+        thinker.prepare(input_ids=ids, attention_mask=mask, pixel_values=pix, image_grid_thw=np.array([grid]))
+    feats, fmask = _audio(rng, 40, 40)
+    ids, mask = _batch([_text(rng, 3) + [A_START] + [AUDIO] * 2 + [A_END]])
+    with pytest.raises(ValueError, match="audio: the prompt has 2 placeholder tokens"):
+        thinker.prepare(input_ids=ids, attention_mask=mask, input_features=feats[None],
+                        feature_attention_mask=fmask[None])
+    with pytest.raises(ValueError, match="image: the prompt has 0 placeholder tokens"):
+        thinker.prepare(input_ids=_batch([[5, 6]])[0], attention_mask=None, pixel_values=pix,
+                        image_grid_thw=np.array([grid]))
