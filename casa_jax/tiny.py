@@ -51,18 +51,25 @@ How do I learn a new language? Practice every day, read, listen and speak with o
 """
 
 
-def build_tokenizer(vocab_size: int):
-    """A byte-level BPE ``PreTrainedTokenizerFast`` with ChatML special tokens, trained on ``CORPUS``."""
+def build_tokenizer(vocab_size: int, omni: bool = False):
+    """A byte-level BPE ``PreTrainedTokenizerFast`` with ChatML special tokens, trained on ``CORPUS``.
+
+    ``omni=True`` adds Qwen2.5-Omni's media tokens (``<|IMAGE|>``, ``<|AUDIO|>``, ...) as special tokens.
+    """
+    from casa_jax.processing import OMNI_SPECIAL_TOKENS
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+    special = list(SPECIAL_TOKENS) + (list(OMNI_SPECIAL_TOKENS.values()) if omni else [])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator([CORPUS] * 4, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   **({"extra_special_tokens": dict(OMNI_SPECIAL_TOKENS)} if omni else {}))
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

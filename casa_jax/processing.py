@@ -1,0 +1,288 @@
+"""Chat messages with images, videos and 16 kHz audio -> thinker inputs, as Qwen2.5-Omni's processor does.
+
+Images go through transformers' ``Qwen2VLImageProcessorPil`` and audio through its
+``WhisperFeatureExtractor``; placeholders are expanded exactly as ``Qwen2_5OmniProcessor`` expands them
+(tests/test_processing.py compares the two). ``Qwen2_5OmniProcessor`` itself cannot be built without
+torchvision (its video processor needs it), so videos are handled here: each frame is resized and
+normalised by the same image processor, then consecutive frames form the temporal patches.
+Inputs are checked first, and a bad one is named: empty or non-finite audio, a wrong sample rate, a
+too-small image, more media than placeholders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from casa_jax.model.audio_encoder import audio_output_tokens
+from casa_jax.model.encoder_config import VisionConfig
+
+SAMPLING_RATE = 16_000
+MAX_AUDIO_SECONDS = 30  # the feature extractor pads/truncates to 30 s; longer clips are refused
+# Tokenizer attributes the processor needs, and the strings the Qwen2.5-Omni tokenizer uses for them.
+OMNI_SPECIAL_TOKENS = {
+    "audio_token": "<|AUDIO|>", "audio_bos_token": "<|audio_bos|>", "audio_eos_token": "<|audio_eos|>",
+    "image_token": "<|IMAGE|>", "video_token": "<|VIDEO|>",
+    "vision_bos_token": "<|vision_bos|>", "vision_eos_token": "<|vision_eos|>",
+}
+# Qwen's ChatML with multimodal content items (text / image / video / audio).
+OMNI_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for item in message['content'] %}"
+    "{% if item['type'] == 'text' %}{{ item['text'] }}"
+    "{% elif item['type'] == 'image' %}<|vision_bos|><|IMAGE|><|vision_eos|>"
+    "{% elif item['type'] == 'video' %}<|vision_bos|><|VIDEO|><|vision_eos|>"
+    "{% elif item['type'] == 'audio' %}<|audio_bos|><|AUDIO|><|audio_eos|>{% endif %}"
+    "{% endfor %}{% endif %}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Qwen2.5-Omni's preprocessor defaults (min/max pixels of an image; videos get their own budget).
+IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
+VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS = 128 * 28 * 28, 768 * 28 * 28
+VIDEO_FPS = 2.0
+
+
+class InputError(ValueError):
+    """A media input or prompt that cannot be turned into model inputs."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Audio:
+    """A mono waveform with its sample rate (what an ``{"type": "audio"}`` message item carries)."""
+
+    waveform: np.ndarray
+    sampling_rate: int = SAMPLING_RATE
+
+
+def _to_image_array(image: Any, name: str) -> np.ndarray:
+    """PIL image or [H, W, 3] array -> uint8 [H, W, 3]."""
+    if hasattr(image, "convert") and hasattr(image, "size"):  # PIL.Image
+        image = np.asarray(image.convert("RGB"))
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.repeat(array[..., None], 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] != 3:
+        raise InputError(f"{name}: expected an RGB image [height, width, 3] or a PIL image, got shape "
+                         f"{list(array.shape)}")
+    if array.dtype != np.uint8:
+        if not np.all(np.isfinite(array)):
+            raise InputError(f"{name}: contains NaN or infinite pixel values")
+        if array.min() < 0 or array.max() > 255:
+            raise InputError(f"{name}: float pixels must lie in [0, 255], got [{array.min()}, {array.max()}]")
+        array = array.astype(np.uint8) if array.max() > 1 else (array * 255).round().astype(np.uint8)
+    return array
+
+
+def _check_image_size(array: np.ndarray, name: str, min_side: int) -> None:
+    h, w = array.shape[:2]
+    if min(h, w) < min_side:
+        raise InputError(f"{name}: {w}x{h} pixels is too small; each side needs at least {min_side} pixels "
+                         "(one vision patch)")
+    if max(h, w) / min(h, w) > 200:
+        raise InputError(f"{name}: aspect ratio {max(h, w) / min(h, w):.0f}:1 exceeds the vision encoder's 200:1")
+
+
+def _to_waveform(audio: Any, name: str, resample: bool) -> np.ndarray:
+    """An ``Audio``, (waveform, rate) pair or bare 16 kHz array -> float32 mono waveform at 16 kHz."""
+    if isinstance(audio, Audio):
+        wave, rate = audio.waveform, audio.sampling_rate
+    elif isinstance(audio, tuple) and len(audio) == 2:
+        wave, rate = audio
+    else:
+        wave, rate = audio, SAMPLING_RATE
+    wave = np.asarray(wave, dtype=np.float32)
+    if wave.ndim == 2 and 1 in wave.shape:
+        wave = wave.reshape(-1)
+    if wave.ndim != 1:
+        raise InputError(f"{name}: expected a mono waveform [samples], got shape {list(wave.shape)}")
+    if wave.size == 0:
+        raise InputError(f"{name}: the waveform is empty")
+    if not np.all(np.isfinite(wave)):
+        raise InputError(f"{name}: the waveform contains NaN or infinite samples")
+    if int(rate) != SAMPLING_RATE:
+        if not resample:
+            raise InputError(f"{name}: sample rate {rate} Hz; the audio encoder needs {SAMPLING_RATE} Hz "
+                             "(resample first, or pass resample=True)")
+        from math import gcd
+
+        from scipy.signal import resample_poly
+        g = gcd(int(rate), SAMPLING_RATE)
+        wave = resample_poly(wave, SAMPLING_RATE // g, int(rate) // g).astype(np.float32)
+    seconds = wave.size / SAMPLING_RATE
+    if seconds > MAX_AUDIO_SECONDS:
+        raise InputError(f"{name}: {seconds:.1f} s is longer than the {MAX_AUDIO_SECONDS} s one clip may last; "
+                         "split it into several clips")
+    if audio_output_tokens(wave.size // 160) < 1:
+        raise InputError(f"{name}: {wave.size} samples is too short to give one audio token (needs >= 0.05 s)")
+    return wave
+
+
+def _to_frames(video: Any, name: str) -> np.ndarray:
+    frames = np.asarray(video)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+        raise InputError(f"{name}: expected frames [time, height, width, 3], got shape {list(frames.shape)}")
+    return np.stack([_to_image_array(f, f"{name} frame {i}") for i, f in enumerate(frames)])
+
+
+class OmniProcessor:
+    """Prompts + media -> the arrays ``Qwen2_5OmniProcessor`` returns (NumPy), for ``Thinker.prepare``."""
+
+    def __init__(self, tokenizer, vision: VisionConfig, image_min_pixels: int = IMAGE_MIN_PIXELS,
+                 image_max_pixels: int = IMAGE_MAX_PIXELS, video_min_pixels: int = VIDEO_MIN_PIXELS,
+                 video_max_pixels: int = VIDEO_MAX_PIXELS, video_fps: float = VIDEO_FPS, num_mel_bins: int = 128):
+        from transformers import Qwen2VLImageProcessorPil, WhisperFeatureExtractor
+
+        missing = [attr for attr in OMNI_SPECIAL_TOKENS if getattr(tokenizer, attr, None) is None]
+        if missing:
+            raise InputError(f"the tokenizer lacks the Qwen2.5-Omni special tokens {missing}; expected "
+                             f"{ {k: OMNI_SPECIAL_TOKENS[k] for k in missing} } in its extra_special_tokens")
+        self.tokenizer = tokenizer
+        self.vision = vision
+        self.image_processor = Qwen2VLImageProcessorPil(
+            patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
+            merge_size=vision.spatial_merge_size, min_pixels=image_min_pixels, max_pixels=image_max_pixels)
+        self.video_pixels = (video_min_pixels, video_max_pixels)
+        self.video_fps = float(video_fps)
+        self.feature_extractor = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=SAMPLING_RATE)
+
+    @classmethod
+    def from_pretrained(cls, path: str, vision: VisionConfig, tokenizer=None) -> "OmniProcessor":
+        """From a directory with tokenizer files and, optionally, ``preprocessor_config.json``."""
+        from transformers import AutoTokenizer
+
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
+        kwargs = {}
+        pre = os.path.join(path, "preprocessor_config.json")
+        if os.path.isfile(pre):
+            with open(pre) as f:
+                cfg = json.load(f)
+            if "min_pixels" in cfg:
+                kwargs["image_min_pixels"] = int(cfg["min_pixels"])
+            if "max_pixels" in cfg:
+                kwargs["image_max_pixels"] = int(cfg["max_pixels"])
+            if "feature_size" in cfg:
+                kwargs["num_mel_bins"] = int(cfg["feature_size"])
+        return cls(tokenizer, vision, **kwargs)
+
+    # -- media -------------------------------------------------------------------------------------
+    def images(self, images: Sequence[Any]) -> dict[str, np.ndarray]:
+        arrays = [_to_image_array(im, f"image {i}") for i, im in enumerate(images)]
+        for i, a in enumerate(arrays):
+            _check_image_size(a, f"image {i}", self.vision.patch_size)
+        out = self.image_processor(images=arrays, return_tensors="np")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def videos(self, videos: Sequence[Any]) -> dict[str, np.ndarray]:
+        """Each frame resized/normalised by the image processor; frames padded (last frame repeated) to a
+        multiple of temporal_patch_size, and each group of frames forms one temporal patch."""
+        tps, c, p = self.vision.temporal_patch_size, self.vision.in_channels, self.vision.patch_size
+        lo, hi = self.video_pixels
+        patches, grids = [], []
+        for i, video in enumerate(videos):
+            frames = _to_frames(video, f"video {i}")
+            _check_image_size(frames[0], f"video {i}", self.vision.patch_size)
+            if len(frames) % tps:
+                frames = np.concatenate([frames, np.repeat(frames[-1:], tps - len(frames) % tps, axis=0)])
+            per_frame = []
+            for frame in frames:
+                out = self.image_processor(images=[frame], min_pixels=lo, max_pixels=hi, return_tensors="np")
+                _, gh, gw = out["image_grid_thw"][0]
+                # [h*w, C, T, P, P] with T copies of the frame: keep one.
+                per_frame.append(out["pixel_values"].reshape(-1, c, tps, p, p)[:, :, 0])
+            stacked = np.stack(per_frame).reshape(len(frames) // tps, tps, gh * gw, c, p, p)
+            grouped = stacked.transpose(0, 2, 3, 1, 4, 5)  # [t, h*w, C, T, P, P]
+            patches.append(grouped.reshape(-1, c * tps * p * p))
+            grids.append([len(frames) // tps, gh, gw])
+        return {"pixel_values_videos": np.concatenate(patches).astype(np.float32),
+                "video_grid_thw": np.asarray(grids, np.int64),
+                "video_second_per_grid": np.asarray([tps / self.video_fps] * len(grids), np.float32)}
+
+    def audio(self, clips: Sequence[Any], resample: bool = False) -> dict[str, np.ndarray]:
+        waves = [_to_waveform(a, f"audio {i}", resample) for i, a in enumerate(clips)]
+        out = self.feature_extractor(waves, sampling_rate=SAMPLING_RATE, padding="max_length",
+                                     return_attention_mask=True, return_tensors="np")
+        return {"input_features": out["input_features"], "feature_attention_mask": out["attention_mask"]}
+
+    # -- text --------------------------------------------------------------------------------------
+    def _expand(self, texts: list[str], token: str, counts: list[int], kind: str) -> list[str]:
+        """Replace the k-th ``token`` (counting across all texts) by ``counts[k]`` copies."""
+        found = sum(t.count(token) for t in texts)
+        if found != len(counts):
+            raise InputError(f"the prompts hold {found} {token} placeholders but {len(counts)} {kind} were given; "
+                             f"each {kind[:-1]} needs exactly one placeholder")
+        it = iter(counts)
+        return ["".join([parts[0]] + [token * next(it) + rest for rest in parts[1:]])
+                for parts in (t.split(token) for t in texts)]
+
+    def __call__(self, text: str | Sequence[str], images: Sequence[Any] | None = None,
+                 videos: Sequence[Any] | None = None, audio: Sequence[Any] | None = None,
+                 resample_audio: bool = False) -> dict[str, np.ndarray]:
+        """Prompts holding one placeholder per medium (as the chat template writes them) -> arrays."""
+        texts = [text] if isinstance(text, str) else list(text)
+        tok = self.tokenizer
+        out: dict[str, np.ndarray] = {}
+        merge = self.vision.merge_unit
+        for kind, media, token, method in (("images", images, tok.image_token, self.images),
+                                           ("videos", videos, tok.video_token, self.videos),
+                                           ("audio clips", audio, tok.audio_token, None)):
+            media = list(media or [])
+            if not media:
+                if any(token in t for t in texts):
+                    raise InputError(f"the prompts hold {token} placeholders but no {kind} were given")
+                continue
+            if method is None:
+                arrays = self.audio(media, resample=resample_audio)
+                counts = audio_output_tokens(arrays["feature_attention_mask"].sum(-1)).tolist()
+            else:
+                arrays = method(media)
+                grid = arrays["image_grid_thw" if kind == "images" else "video_grid_thw"]
+                counts = (grid.prod(-1) // merge).tolist()
+            texts = self._expand(texts, token, counts, kind)
+            out.update(arrays)
+        enc = tok(texts, padding=True, padding_side="left", return_tensors="np")
+        out["input_ids"] = enc["input_ids"]
+        out["attention_mask"] = enc["attention_mask"]
+        return out
+
+    def apply_chat_template(self, conversations: Sequence[Sequence[Mapping]], add_generation_prompt: bool = True
+                            ) -> tuple[list[str], dict[str, list]]:
+        """Render conversations and collect their media in order: (texts, {"images", "videos", "audio"})."""
+        media: dict[str, list] = {"images": [], "videos": [], "audio": []}
+        field = {"image": "images", "video": "videos", "audio": "audio"}
+        for c, conversation in enumerate(conversations):
+            for m, message in enumerate(conversation):
+                content = message.get("content")
+                if isinstance(content, str):
+                    continue
+                for item in content or []:
+                    kind = item.get("type")
+                    if kind in field:
+                        if kind not in item:
+                            raise InputError(f"conversation {c}, message {m}: a {kind!r} item needs a {kind!r} key")
+                        value = item[kind]
+                        if kind == "audio" and "sampling_rate" in item:
+                            value = Audio(np.asarray(value), int(item["sampling_rate"]))
+                        media[field[kind]].append(value)
+                    elif kind != "text":
+                        raise InputError(f"conversation {c}, message {m}: unknown content type {kind!r}; "
+                                         "expected text, image, video or audio")
+        texts = [self.tokenizer.apply_chat_template(list(conv), tokenize=False, chat_template=OMNI_CHAT_TEMPLATE,
+                                                    add_generation_prompt=add_generation_prompt)
+                 for conv in conversations]
+        return texts, media
+
+    def from_messages(self, conversations: Sequence[Sequence[Mapping]], add_generation_prompt: bool = True,
+                      resample_audio: bool = False) -> dict[str, np.ndarray]:
+        """Chat conversations (HF message format with content items) -> processor arrays."""
+        texts, media = self.apply_chat_template(conversations, add_generation_prompt)
+        return self(texts, images=media["images"], videos=media["videos"], audio=media["audio"],
+                    resample_audio=resample_audio)

@@ -1,0 +1,146 @@
+"""Input processing: equal to transformers' Qwen2_5OmniProcessor, our video path equal to its image
+processor frame by frame, clear errors for bad media, and messages -> logits equal to transformers."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.processing_utils import ProcessorMixin
+
+import hf_fixtures as fx
+from casa_jax import tiny
+from casa_jax.checkpoints.hf import load_hf_checkpoint
+from casa_jax.model.encoder_config import VisionConfig
+from casa_jax.model.thinker import Thinker
+from casa_jax.processing import Audio, InputError, OmniProcessor
+
+SMALL = dict(image_min_pixels=28 * 28 * 2, image_max_pixels=28 * 28 * 12)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return tiny.build_tokenizer(400, omni=True)
+
+
+@pytest.fixture(scope="module")
+def processor(tokenizer):
+    return OmniProcessor(tokenizer, VisionConfig(**{k: v for k, v in fx.VISION.items()}), **SMALL)
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer, processor, monkeypatch_module):
+    """transformers' own processor from the same parts. Its constructor insists on a torchvision video
+    processor; the type check is lifted for images and audio, which never touch it."""
+    monkeypatch_module.setattr(ProcessorMixin, "check_argument_for_proper_class", lambda self, name, arg: None)
+    return transformers.Qwen2_5OmniProcessor(image_processor=processor.image_processor, video_processor=None,
+                                             feature_extractor=processor.feature_extractor, tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def _rgb(rng, h, w):
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _tone(seconds, hz=440.0, rate=16000):
+    t = np.arange(int(seconds * rate)) / rate
+    return (0.3 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+
+
+def _conversations(rng):
+    return [
+        [{"role": "user", "content": [{"type": "image", "image": _rgb(rng, 60, 90)},
+                                      {"type": "text", "text": "What is in this picture?"}]}],
+        [{"role": "user", "content": [{"type": "audio", "audio": _tone(1.3)},
+                                      {"type": "image", "image": _rgb(rng, 40, 30)},
+                                      {"type": "text", "text": "Describe both."}]}],
+    ]
+
+
+def test_equal_to_transformers_processor(processor, reference):
+    texts, media = processor.apply_chat_template(_conversations(np.random.default_rng(0)))
+    ours = processor(texts, images=media["images"], audio=media["audio"])
+    theirs = reference(text=texts, images=media["images"], audio=media["audio"], return_tensors="np", padding=True)
+    assert set(ours) == set(theirs)
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], np.asarray(theirs[key]), err_msg=key)
+
+
+def test_video_frames_match_image_processor(processor):
+    """A video [a, a, b, b] is two temporal patches: each equals the image processor's patches of a, b."""
+    rng = np.random.default_rng(1)
+    a, b = _rgb(rng, 56, 84), _rgb(rng, 56, 84)
+    proc = OmniProcessor(processor.tokenizer, processor.vision, video_min_pixels=SMALL["image_min_pixels"],
+                         video_max_pixels=SMALL["image_max_pixels"], **SMALL)
+    video = proc.videos([np.stack([a, a, b])])  # 3 frames: the last is repeated to fill the temporal patch
+    image = proc.images([a, b])
+    assert video["video_grid_thw"].tolist() == [[2] + image["image_grid_thw"][0, 1:].tolist()]
+    n = image["pixel_values"].shape[0] // 2
+    first = video["pixel_values_videos"][:n]
+    np.testing.assert_array_equal(first, image["pixel_values"][:n])
+    second = video["pixel_values_videos"][n:].reshape(n, 3, 2, 14, 14)
+    np.testing.assert_array_equal(second[:, :, 1], image["pixel_values"][n:].reshape(n, 3, 2, 14, 14)[:, :, 0])
+    np.testing.assert_allclose(video["video_second_per_grid"], [1.0])
+
+
+@pytest.mark.parametrize("media, message", [
+    (dict(audio=[np.zeros(0, np.float32)]), "audio 0: the waveform is empty"),
+    (dict(audio=[np.full(1600, np.nan, np.float32)]), "audio 0: the waveform contains NaN"),
+    (dict(audio=[Audio(_tone(1.0, rate=8000), 8000)]), "audio 0: sample rate 8000 Hz"),
+    (dict(audio=[_tone(31)]), "audio 0: 31.0 s is longer than"),
+    (dict(images=[np.zeros((1, 1, 3), np.uint8)]), "image 0: 1x1 pixels is too small"),
+    (dict(images=[np.zeros((40, 40), np.uint8), np.zeros((40, 40, 3), np.uint8)]),
+     "1 <|IMAGE|> placeholders but 2 images"),
+    (dict(videos=[np.zeros((2, 40, 40), np.uint8)]), "video 0: expected frames"),
+])
+def test_bad_inputs_are_named(processor, media, message):
+    text = "a <|vision_bos|><|IMAGE|><|vision_eos|>" if "images" in media else (
+        "<|AUDIO|>" if "audio" in media else "<|VIDEO|>")
+    with pytest.raises(InputError) as err:
+        processor(text, **media)
+    assert message in str(err.value)
+
+
+def test_resampling_on_request(processor):
+    out = processor("<|audio_bos|><|AUDIO|><|audio_eos|>", audio=[Audio(_tone(1.0, rate=8000), 8000)],
+                    resample_audio=True)
+    assert out["feature_attention_mask"].sum() == 100
+
+
+def test_messages_to_logits_match_transformers(hf_root, tokenizer, processor):
+    """Chat messages with an image, audio and a video -> our inputs -> logits equal to transformers'."""
+    ids = {attr: tokenizer.convert_tokens_to_ids(tok) for attr, tok in
+           (("image_token_index", "<|IMAGE|>"), ("video_token_index", "<|VIDEO|>"),
+            ("audio_token_index", "<|AUDIO|>"), ("vision_start_token_id", "<|vision_bos|>"),
+            ("vision_end_token_id", "<|vision_eos|>"), ("audio_start_token_id", "<|audio_bos|>"),
+            ("audio_end_token_id", "<|audio_eos|>"))}
+    saved = dict(fx.THINKER_TOKENS)
+    fx.THINKER_TOKENS.update(ids)
+    try:
+        path = fx.make_thinker(str(hf_root / "proc_thinker"), seed=21, vocab_size=len(tokenizer))
+    finally:
+        fx.THINKER_TOKENS.clear()
+        fx.THINKER_TOKENS.update(saved)
+    rng = np.random.default_rng(2)
+    conversations = _conversations(rng)
+    conversations[0][0]["content"].append({"type": "video", "video": rng.integers(0, 256, (4, 56, 56, 3),
+                                                                                  dtype=np.uint8)})
+    proc = OmniProcessor(tokenizer, processor.vision, video_min_pixels=28 * 28 * 2,
+                         video_max_pixels=28 * 28 * 4, **SMALL)
+    arrays = proc.from_messages(conversations)
+    loaded = load_hf_checkpoint(path, progress=False)
+    thinker = Thinker.from_spec(loaded.spec)
+    logits = np.asarray(jax.jit(lambda p, e, x: thinker(p, e, x).logits)(
+        loaded.params, loaded.encoders, thinker.prepare(**arrays)))
+    hf = transformers.Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = hf(**{k: torch.tensor(np.asarray(v)) for k, v in arrays.items()}).logits.numpy()
+    real = arrays["attention_mask"].astype(bool)
+    assert np.abs(logits[real] - ref[real]).max() <= 1e-4
