@@ -1,10 +1,12 @@
 """Check a converted model against the transformers PyTorch implementation on the same inputs.
 
-  python -m casa_jax.parity --hf_dir=IN [--dtype=bfloat16]
+  python -m casa_jax.parity --hf_dir=IN [--dtype=bfloat16] [--image=PNG] [--audio=WAV]
 
-Runs both models on a padded batch and prints the max absolute logit difference and the mean
+Runs both models on a padded text batch and prints the max absolute logit difference and the mean
 per-token KL(HF || JAX) over real (non-padding) tokens; exits 1 past ``--atol`` (fp32) or
-``--max_kl`` (bf16/fp16). Needs torch (``pip install -r requirements-test.txt``).
+``--max_kl`` (bf16/fp16). For a Qwen2.5-Omni thinker, ``--image`` / ``--audio`` add prompts that carry
+the image, the audio clip, and both (through the vision/audio encoders). Needs torch
+(``pip install -r requirements-test.txt``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ParityResult:
     mean_kl: float
     num_tokens: int
     model_class: str
+    case: str = "text"
 
 
 def build_batch(hf_dir: str, vocab_size: int, lengths=(13, 9, 6), seed: int = 0,
@@ -97,6 +100,7 @@ def compare(hf_logits: np.ndarray, our_logits: np.ndarray, mask: np.ndarray) -> 
 
 
 def run_parity(hf_dir: str, dtype: str = "float32") -> ParityResult:
+    """Text-only parity on a padded batch of three prompts."""
     from casa_jax.model.config import load_hf_spec
     spec = load_hf_spec(hf_dir)
     ids, mask = build_batch(hf_dir, spec.text.vocab_size)
@@ -106,29 +110,116 @@ def run_parity(hf_dir: str, dtype: str = "float32") -> ParityResult:
     return ParityResult(diff, kl, n, model_class)
 
 
+def multimodal_cases(spec, image=None, audio=None, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Processor-style inputs for prompts that carry the image, the audio clip, and both (thinkers only).
+
+    Text pieces are seeded random ids around the placeholders, so no tokenizer is needed.
+    """
+    from casa_jax.model.encoder_config import encoder_configs
+    from casa_jax.model.rope_index import ThinkerTokens
+    from casa_jax.processing import OmniProcessor
+
+    if not spec.is_thinker:
+        raise ValueError("--image/--audio need a Qwen2.5-Omni thinker checkpoint; this one is "
+                         f"{spec.model_type!r} (text only)")
+    thinker_cfg = spec.thinker_config()
+    tokens = ThinkerTokens.from_thinker_config(thinker_cfg)
+    vision, _ = encoder_configs(spec)
+    proc = OmniProcessor(None, vision)
+    rng = np.random.default_rng(seed)
+    text = lambda n: rng.integers(0, min(spec.text.vocab_size, 151643) // 2, n).tolist()  # noqa: E731
+    v_end = thinker_cfg.get("vision_end_token_id", tokens.vision_start_token_id + 1)
+    a_end = thinker_cfg.get("audio_end_token_id", tokens.audio_start_token_id + 1)
+    pieces: dict[str, tuple[list[int], dict]] = {}
+    if image is not None:
+        arrays = proc.images([image])
+        n = int(arrays["image_grid_thw"].prod()) // vision.merge_unit
+        pieces["image"] = ([tokens.vision_start_token_id] + [tokens.image_token_id] * n + [v_end], arrays)
+    if audio is not None:
+        arrays = proc.audio([audio], resample=True)
+        from casa_jax.model.audio_encoder import audio_output_tokens
+        n = int(audio_output_tokens(arrays["feature_attention_mask"].sum()))
+        pieces["audio"] = ([tokens.audio_start_token_id] + [tokens.audio_token_id] * n + [a_end], arrays)
+    cases = {}
+    names = list(pieces)
+    combos = [[k] for k in names] + ([names] if len(names) == 2 else [])
+    for combo in combos:
+        ids = text(5)
+        arrays: dict[str, np.ndarray] = {}
+        for kind in combo:
+            ids += pieces[kind][0] + text(3)
+            arrays.update(pieces[kind][1])
+        arrays["input_ids"] = np.asarray([ids], np.int64)
+        arrays["attention_mask"] = np.ones_like(arrays["input_ids"])
+        cases["+".join(["text"] + combo)] = arrays
+    return cases
+
+
+def run_multimodal_parity(hf_dir: str, image=None, audio=None, dtype: str = "float32") -> list[ParityResult]:
+    """Parity of the whole thinker (encoders + decoder) on prompts with the image, the audio, and both."""
+    import jax
+    import torch
+    import transformers
+
+    from casa_jax.checkpoints.hf import load_hf_checkpoint
+    from casa_jax.model.thinker import Thinker
+
+    loaded = load_hf_checkpoint(hf_dir, param_dtype=dtype, dtype=dtype, progress=False)
+    cases = multimodal_cases(loaded.spec, image, audio)
+    thinker = Thinker.from_spec(loaded.spec, dtype=dtype, param_dtype=dtype)
+    forward = jax.jit(lambda p, e, x: thinker(p, e, x).logits)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    cls = transformers.Qwen2_5OmniThinkerForConditionalGeneration
+    model = cls.from_pretrained(hf_dir, dtype=torch_dtype, attn_implementation="eager").eval()
+    results = []
+    for name, arrays in cases.items():
+        ours = np.asarray(forward(loaded.params, loaded.encoders, thinker.prepare(**arrays)))
+        inputs = {k: torch.tensor(np.asarray(v)) for k, v in arrays.items()}
+        for k in ("pixel_values", "input_features"):
+            if k in inputs:
+                inputs[k] = inputs[k].to(torch_dtype)
+        with torch.no_grad():
+            ref = model(**inputs).logits.float().numpy()
+        diff, kl, n = compare(ref, ours, arrays["attention_mask"])
+        results.append(ParityResult(diff, kl, n, cls.__name__, case=name))
+    return results
+
+
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory (any supported layout).", required=True)
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16", "float16"], "Dtype both models run in.")
 flags.DEFINE_float("atol", 1e-4, "Largest allowed max |logit diff| (checked in float32).")
 flags.DEFINE_float("max_kl", 0.02, "Largest allowed mean per-token KL (checked in bfloat16/float16).")
+flags.DEFINE_string("image", None, "Image file (PNG, JPEG, ...): also check prompts carrying it (thinkers).")
+flags.DEFINE_string("audio", None, "PCM WAV file: also check prompts carrying it (thinkers; resampled to 16 kHz).")
 FLAGS = flags.FLAGS
+
+
+def _passes(result: ParityResult, dtype: str) -> bool:
+    if dtype == "float32":
+        return result.max_abs_diff <= FLAGS.atol
+    return result.mean_kl <= FLAGS.max_kl
 
 
 def main(argv):
     del argv
     quiet_libraries()
+    from casa_jax.processing import load_image, load_wav
     with exit_on_bad_input():
-        result = run_parity(FLAGS.hf_dir, FLAGS.dtype)
-    print(f"reference: transformers {result.model_class} ({FLAGS.dtype}, eager attention)")
-    print(f"tokens compared: {result.num_tokens} (padded batch)")
-    print(f"max |logit diff|: {result.max_abs_diff:.3e}")
-    print(f"mean per-token KL(HF || JAX): {result.mean_kl:.3e}")
-    if FLAGS.dtype == "float32":
-        ok = result.max_abs_diff <= FLAGS.atol
-        print(f"{'PASS' if ok else 'FAIL'}: max diff {'<=' if ok else '>'} atol {FLAGS.atol:g}")
-    else:
-        ok = result.mean_kl <= FLAGS.max_kl
-        print(f"{'PASS' if ok else 'FAIL'}: mean KL {'<=' if ok else '>'} max_kl {FLAGS.max_kl:g}")
-    sys.exit(0 if ok else 1)
+        image = load_image(FLAGS.image) if FLAGS.image else None
+        audio = load_wav(FLAGS.audio) if FLAGS.audio else None
+        results = [run_parity(FLAGS.hf_dir, FLAGS.dtype)]
+        if image is not None or audio is not None:
+            results += run_multimodal_parity(FLAGS.hf_dir, image, audio, FLAGS.dtype)
+    print(f"reference: transformers {results[0].model_class} ({FLAGS.dtype}, eager attention)")
+    limit = f"atol {FLAGS.atol:g}" if FLAGS.dtype == "float32" else f"max_kl {FLAGS.max_kl:g}"
+    all_ok = True
+    for r in results:
+        ok = _passes(r, FLAGS.dtype)
+        all_ok &= ok
+        print(f"{r.case:<22} tokens {r.num_tokens:>5}  max |logit diff| {r.max_abs_diff:.3e}  "
+              f"mean KL(HF || JAX) {r.mean_kl:.3e}  {'PASS' if ok else 'FAIL'}")
+    print(f"{'PASS' if all_ok else 'FAIL'}: {len(results)} case(s) against {limit}")
+    sys.exit(0 if all_ok else 1)
 
 
 if __name__ == "__main__":

@@ -134,7 +134,10 @@ def _to_frames(video: Any, name: str) -> np.ndarray:
 
 
 class OmniProcessor:
-    """Prompts + media -> the arrays ``Qwen2_5OmniProcessor`` returns (NumPy), for ``Thinker.prepare``."""
+    """Prompts + media -> the arrays ``Qwen2_5OmniProcessor`` returns (NumPy), for ``Thinker.prepare``.
+
+    ``tokenizer`` may be None for media-only use (``images``, ``videos``, ``audio``).
+    """
 
     def __init__(self, tokenizer, vision: VisionConfig, image_min_pixels: int = IMAGE_MIN_PIXELS,
                  image_max_pixels: int = IMAGE_MAX_PIXELS, video_min_pixels: int = VIDEO_MIN_PIXELS,
@@ -142,7 +145,7 @@ class OmniProcessor:
         from transformers import Qwen2VLImageProcessorPil, WhisperFeatureExtractor
 
         missing = [attr for attr in OMNI_SPECIAL_TOKENS if getattr(tokenizer, attr, None) is None]
-        if missing:
+        if tokenizer is not None and missing:
             raise InputError(f"the tokenizer lacks the Qwen2.5-Omni special tokens {missing}; expected "
                              f"{ {k: OMNI_SPECIAL_TOKENS[k] for k in missing} } in its extra_special_tokens")
         self.tokenizer = tokenizer
@@ -229,6 +232,8 @@ class OmniProcessor:
         """Prompts holding one placeholder per medium (as the chat template writes them) -> arrays."""
         texts = [text] if isinstance(text, str) else list(text)
         tok = self.tokenizer
+        if tok is None:
+            raise InputError("this OmniProcessor has no tokenizer; it can only process media (images/videos/audio)")
         out: dict[str, np.ndarray] = {}
         merge = self.vision.merge_unit
         for kind, media, token, method in (("images", images, tok.image_token, self.images),
@@ -286,3 +291,34 @@ class OmniProcessor:
         texts, media = self.apply_chat_template(conversations, add_generation_prompt)
         return self(texts, images=media["images"], videos=media["videos"], audio=media["audio"],
                     resample_audio=resample_audio)
+
+
+def load_image(path: str) -> np.ndarray:
+    """An image file -> uint8 RGB [H, W, 3], with an error naming the file if it cannot be read."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        raise InputError(f"{path}: cannot read as an image ({e})") from e
+
+
+def load_wav(path: str) -> Audio:
+    """A PCM WAV file -> mono float32 ``Audio`` in [-1, 1] at the file's sample rate."""
+    import wave
+
+    try:
+        with wave.open(path, "rb") as f:
+            rate, width, channels, n = f.getframerate(), f.getsampwidth(), f.getnchannels(), f.getnframes()
+            raw = f.readframes(n)
+    except (FileNotFoundError, wave.Error, EOFError) as e:
+        raise InputError(f"{path}: cannot read as a PCM WAV file ({e})") from e
+    if width == 1:
+        data = (np.frombuffer(raw, np.uint8).astype(np.float32) - 128) / 128
+    elif width in (2, 4):
+        dtype = np.int16 if width == 2 else np.int32
+        data = np.frombuffer(raw, dtype).astype(np.float32) / float(np.iinfo(dtype).max)
+    else:
+        raise InputError(f"{path}: {8 * width}-bit samples are not supported (use 8, 16 or 32-bit PCM)")
+    return Audio(data.reshape(-1, channels).mean(axis=1), rate)

@@ -75,3 +75,40 @@ def test_parity_cli_passes_and_fails_on_tolerance(layouts):
     assert "PASS" in ok.stdout and "max |logit diff|" in ok.stdout
     strict = subprocess.run(cmd + ["--atol=0"], capture_output=True, text=True)
     assert strict.returncode == 1 and "FAIL" in strict.stdout
+
+
+def _write_wav(path, seconds=1.2, rate=22050):
+    import wave
+    t = np.arange(int(seconds * rate)) / rate
+    pcm = (0.3 * np.sin(2 * np.pi * 330 * t) * 32767).astype(np.int16)
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes(pcm.tobytes())
+    return str(path)
+
+
+def test_parity_cli_with_image_and_audio(hf_root, tmp_path):
+    """A hub-layout (thinker.-prefixed, sharded) omni checkpoint with its own encoder shapes: prompts with
+    an image (PNG), an audio clip (22.05 kHz WAV, resampled) and both all pass."""
+    from PIL import Image
+    thinker = fx.make_thinker(str(hf_root / "p_mm_thinker"), seed=7, hidden_size=40, num_attention_heads=4,
+                              num_key_value_heads=2, mrope_section=(1, 2, 2),
+                              vision=dict(hidden_size=24, num_heads=3, depth=3, fullatt_block_indexes=[0, 2],
+                                          out_hidden_size=40, intermediate_size=20),
+                              audio=dict(d_model=12, encoder_attention_heads=3, encoder_layers=2, output_dim=40,
+                                         n_window=5))
+    hub = fx.make_hub_omni(thinker, str(hf_root / "p_mm_hub"), shards=3)
+    rng = np.random.default_rng(0)
+    png = tmp_path / "picture.png"
+    Image.fromarray(rng.integers(0, 256, (70, 100, 3), dtype=np.uint8)).save(png)
+    wav = _write_wav(tmp_path / "tone.wav")
+    cmd = [sys.executable, "-m", "casa_jax.parity", f"--hf_dir={hub}", f"--image={png}", f"--audio={wav}"]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    for case in ("text ", "text+image ", "text+audio ", "text+image+audio "):
+        assert case in r.stdout, r.stdout
+    assert "PASS: 4 case(s)" in r.stdout
+    bad = subprocess.run(cmd[:4] + [f"--audio={png}"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "picture.png: cannot read as a PCM WAV file" in bad.stderr

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from casa_jax.model.audio_encoder import AudioEncoder, audio_layout
-from casa_jax.model.config import ModelSpec, TextConfig
+from casa_jax.model.config import ConfigError, ModelSpec, TextConfig
 from casa_jax.model.encoder_config import AudioConfig, VisionConfig, encoder_configs
 from casa_jax.model.kv_cache import KVCache
 from casa_jax.model.rope_index import ThinkerTokens, get_rope_index
@@ -161,6 +161,12 @@ class Thinker:
     vision: VisionConfig
     audio: AudioConfig
     tokens: ThinkerTokens = ThinkerTokens()
+
+    def __post_init__(self):
+        width = self.text.hidden_size
+        if self.vision.out_hidden_size != width or self.audio.output_dim != width:
+            raise ConfigError(f"encoder outputs must have the decoder's width {width}: vision out_hidden_size="
+                              f"{self.vision.out_hidden_size}, audio output_dim={self.audio.output_dim}")
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, **policy) -> "Thinker":
