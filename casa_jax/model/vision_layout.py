@@ -18,9 +18,12 @@ PAD_SEGMENT = -1  # padding patches attend only to each other
 
 
 def bucket_length(n: int, minimum: int = 16) -> int:
-    """Smallest power of two >= max(n, minimum): few distinct shapes, at most 2x padding."""
+    """Smallest bucket >= n among minimum * (1, 1.5, 2, 3, 4, 6, ...): two shapes per doubling, so few
+    compilations and at most 50% padding. Buckets stay multiples of ``minimum`` // 2."""
     size = minimum
     while size < n:
+        if size * 3 // 2 >= n and (size * 3) % 2 == 0:
+            return size * 3 // 2
         size *= 2
     return size
 
@@ -107,6 +110,7 @@ def vision_layout(grid_thw: Sequence[Sequence[int]] | np.ndarray, cfg: VisionCon
     merged = np.concatenate(merged_order)
     n_tokens = merged_offset
     n_pad = bucket_length(n_tokens * unit, min_patches)
+    n_pad = -(-n_pad // unit) * unit  # whole merged tokens
     m_pad = n_pad // unit
     merged_padded = np.concatenate([merged, np.arange(n_tokens, m_pad)])
     patch_order = (merged_padded[:, None] * unit + np.arange(unit)).reshape(-1)

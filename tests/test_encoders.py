@@ -1,0 +1,78 @@
+"""Vision and audio encoders against transformers' Qwen2_5OmniVisionEncoder / Qwen2_5OmniAudioEncoder
+(fp32, eager), bucketed shapes, and config errors."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import hf_fixtures as fx
+from casa_jax.checkpoints.hf import load_hf_checkpoint
+from casa_jax.model.audio_encoder import AudioEncoder, audio_layout
+from casa_jax.model.config import ConfigError
+from casa_jax.model.encoder_config import AudioConfig, VisionConfig, encoder_configs
+from casa_jax.model.vision_encoder import VisionEncoder
+from casa_jax.model.vision_layout import pad_patches, vision_layout
+
+
+@pytest.fixture(scope="module")
+def encoders(hf_root):
+    path = fx.make_thinker(str(hf_root / "enc_thinker"), seed=5, vision=dict(depth=3, fullatt_block_indexes=[1]),
+                           audio=dict(encoder_layers=2, n_window=6))
+    hf = transformers.Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager").eval()
+    loaded = load_hf_checkpoint(path, progress=False)
+    vision, audio = encoder_configs(loaded.spec)
+    vision_fn = jax.jit(lambda p, x, lay: VisionEncoder(vision).apply({"params": p}, x, **lay))
+    audio_fn = jax.jit(lambda p, lay: AudioEncoder(audio).apply({"params": p}, **lay))
+    return hf, loaded, vision, audio, vision_fn, audio_fn
+
+
+def test_vision_encoder_images_and_video_of_mixed_sizes(encoders):
+    hf, loaded, vision, _, vision_fn, _ = encoders
+    grid = np.array([[1, 10, 6], [2, 4, 4], [1, 16, 18], [1, 2, 2]])  # several windows; a video; a tiny image
+    pixels = np.random.default_rng(0).standard_normal((int(grid.prod(-1).sum()), vision.patch_dim)).astype(np.float32)
+    with torch.no_grad():
+        ref = hf.model.visual(torch.tensor(pixels), grid_thw=torch.tensor(grid)).pooler_output.numpy()
+    lay = vision_layout(grid, vision)
+    out = np.asarray(vision_fn(loaded.encoders["visual"], pad_patches(pixels, lay, vision), lay.arrays()))
+    assert lay.num_tokens == ref.shape[0]
+    assert np.abs(out[:lay.num_tokens] - ref).max() <= 1e-4
+
+
+def test_audio_encoder_clips_of_different_lengths(encoders):
+    hf, loaded, _, audio, _, audio_fn = encoders
+    rng = np.random.default_rng(1)
+    lengths = [300, 37, 12, 64, 5]  # chunk-straddling pools, a short tail chunk, the minimum-ish clip
+    clips = [rng.standard_normal((128, n)).astype(np.float32) for n in lengths]
+    with torch.no_grad():
+        ref = hf.model.audio_tower(torch.tensor(np.concatenate(clips, axis=1)),
+                                   feature_lens=torch.tensor(lengths)).last_hidden_state.numpy()
+    lay = audio_layout(clips, audio)
+    out = np.asarray(audio_fn(loaded.encoders["audio_tower"], lay.arrays()))
+    assert lay.num_tokens == ref.shape[0]
+    assert np.abs(out[:lay.num_tokens] - ref).max() <= 1e-4
+
+
+def test_bucketed_shapes_do_not_depend_on_sizes():
+    """Different image sizes / clip lengths within a bucket give identical array shapes (one compile)."""
+    vision, audio = VisionConfig(**fx.VISION), AudioConfig(**fx.AUDIO)
+    shapes = lambda lay: {k: v.shape for k, v in lay.arrays().items()}  # noqa: E731
+    assert shapes(vision_layout([[1, 10, 6]], vision)) == shapes(vision_layout([[1, 4, 8], [1, 2, 2]], vision))
+    rng = np.random.default_rng(2)
+    clip = lambda n: rng.standard_normal((128, n)).astype(np.float32)  # noqa: E731
+    assert shapes(audio_layout([clip(40)], audio)) == shapes(audio_layout([clip(17), clip(30)], audio))
+
+
+def test_encoder_config_errors():
+    with pytest.raises(ConfigError, match="fullatt_block_indexes \\[5\\] are outside"):
+        VisionConfig(depth=2, fullatt_block_indexes=(5,))
+    with pytest.raises(ConfigError, match="window_size=100 must be a multiple"):
+        VisionConfig(window_size=100)
+    with pytest.raises(ConfigError, match="audio_config: activation_function='relu'"):
+        AudioConfig.from_hf({"activation_function": "relu"})
+    with pytest.raises(ValueError, match="grid_thw\\[0\\]=\\[1, 3, 4\\]"):
+        vision_layout([[1, 3, 4]], VisionConfig())
+    with pytest.raises(ValueError, match="audio clip 0: features have shape \\[80, 10\\]"):
+        audio_layout([np.zeros((80, 10), np.float32)], AudioConfig())
