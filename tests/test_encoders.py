@@ -59,7 +59,9 @@ def test_bucketed_shapes_do_not_depend_on_sizes():
     """Different image sizes / clip lengths within a bucket give identical array shapes (one compile)."""
     vision, audio = VisionConfig(**fx.VISION), AudioConfig(**fx.AUDIO)
     shapes = lambda lay: {k: v.shape for k, v in lay.arrays().items()}  # noqa: E731
-    assert shapes(vision_layout([[1, 10, 6]], vision)) == shapes(vision_layout([[1, 4, 8], [1, 2, 2]], vision))
+    one_image = vision_layout([[1, 10, 6]], vision)  # 6 window slots
+    three_images = vision_layout([[1, 8, 8], [1, 4, 4], [1, 2, 2]], vision)  # 4 + 1 + 1 slots
+    assert shapes(one_image) == shapes(three_images)
     rng = np.random.default_rng(2)
     clip = lambda n: rng.standard_normal((128, n)).astype(np.float32)  # noqa: E731
     assert shapes(audio_layout([clip(40)], audio)) == shapes(audio_layout([clip(17), clip(30)], audio))

@@ -2,10 +2,14 @@
 
 Numerically equal to transformers' ``Qwen2_5OmniVisionEncoder``. The data-dependent bookkeeping
 (window order, segments, positions) arrives precomputed in a ``VisionLayout`` so every array here has
-a static, bucketed shape: one compilation serves every mix of image sizes in a bucket.
+a static, bucketed shape: one compilation serves every mix of image sizes in a bucket. Windows sit in
+fixed-size slots, so window attention costs O(N * window) rather than O(N^2); full-attention blocks
+attend within each frame under a dense mask.
 """
 
 from __future__ import annotations
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -13,6 +17,7 @@ import jax.numpy as jnp
 
 from casa_jax.model.encoder_config import VisionConfig
 from casa_jax.model.layers import Dense, RMSNorm
+from casa_jax.model.vision_layout import PAD_SEGMENT, window_capacity
 
 PATCH_AXES = ("vision_patch", "embed")
 
@@ -34,11 +39,32 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:  # x [N,
     return (x32 * cos[:, None] + rotated * sin[:, None]).astype(x.dtype)
 
 
+def _attend(q, k, v, mask):  # q/k/v [..., N, H, D]; mask [..., N, N] bool -> [..., N, H, D]
+    scores = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
+    scores = jnp.where(mask[..., None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    return jnp.einsum("...hqk,...khd->...qhd", probs, v)
+
+
+def full_attention(q, k, v, frame_segment):
+    """Attention within each frame (all slots of a frame see each other): dense [N, N] under a mask."""
+    return _attend(q, k, v, frame_segment[:, None] == frame_segment[None, :])
+
+
+def window_attention(q, k, v, frame_segment, slot_size):
+    """Attention within each window slot: [N / slot, slot, slot] blocks, padding keys masked."""
+    n, h, d = q.shape
+    blocks = lambda a: a.reshape(n // slot_size, slot_size, h, d)  # noqa: E731
+    valid = (frame_segment != PAD_SEGMENT).reshape(n // slot_size, 1, slot_size)
+    mask = jnp.broadcast_to(valid, (n // slot_size, slot_size, slot_size))
+    return _attend(blocks(q), blocks(k), blocks(v), mask).reshape(n, h, d)
+
+
 class VisionAttention(nn.Module):
     config: VisionConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):  # x [N, C]; mask [N, N] bool
+    def __call__(self, x, cos, sin, frame_segment, is_full):  # x [N, C]; is_full: [] bool
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype), use_bias=True)
         heads = (cfg.num_heads, cfg.head_dim)
@@ -46,10 +72,9 @@ class VisionAttention(nn.Module):
         k = Dense(heads, ("embed", "q_heads", "head_dim"), name="k", **kw)(x)
         v = Dense(heads, ("embed", "q_heads", "head_dim"), name="v", **kw)(x)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-        scores = jnp.einsum("qhd,khd->hqk", q, k).astype(jnp.float32) * cfg.head_dim ** -0.5
-        scores = jnp.where(mask[None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        out = jnp.einsum("hqk,khd->qhd", probs, v)
+        slot = window_capacity(cfg) * cfg.merge_unit
+        out = jax.lax.cond(is_full, full_attention, functools.partial(window_attention, slot_size=slot),
+                           q, k, v, frame_segment)
         return Dense((x.shape[-1],), ("q_heads", "head_dim", "embed"), in_axes=2, name="proj", **kw)(out)
 
 
@@ -71,11 +96,11 @@ class VisionBlock(nn.Module):
     config: VisionConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, full_mask, window_mask, is_full):  # x [N, C]; is_full: scanned per block
+    def __call__(self, x, cos, sin, frame_segment, is_full):  # x [N, C]; is_full: scanned per block
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        mask = jnp.where(is_full, full_mask, window_mask)
-        x = x + VisionAttention(cfg, name="attn")(RMSNorm(cfg.rms_norm_eps, name="norm1", **kw)(x), cos, sin, mask)
+        x = x + VisionAttention(cfg, name="attn")(RMSNorm(cfg.rms_norm_eps, name="norm1", **kw)(x), cos, sin,
+                                                  frame_segment, is_full)
         x = x + VisionMLP(cfg, name="mlp")(RMSNorm(cfg.rms_norm_eps, name="norm2", **kw)(x))
         return x, None
 
@@ -114,12 +139,11 @@ class VisionEncoder(nn.Module):
                   param_dtype=param_dtype)(pixel_values)
         x = jnp.take(x, patch_order, axis=0)  # window order
         cos, sin = vision_rotary(positions, cfg.head_dim, cfg.rope_theta)
-        full_mask = frame_segment[:, None] == frame_segment[None, :]
-        window_mask = window_segment[:, None] == window_segment[None, :]
+        del window_segment  # windows are the fixed-size slots of the layout
         is_full = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
         blocks = nn.scan(VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True},
-                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.depth,
+                         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.depth,
                          metadata_params={nn.PARTITION_NAME: "layers"})
-        x, _ = blocks(cfg, name="blocks")(x, cos, sin, full_mask, window_mask, is_full)
+        x, _ = blocks(cfg, name="blocks")(x, cos, sin, frame_segment, is_full)
         tokens = PatchMerger(cfg, name="merger")(x)
         return jnp.take(tokens, restore_order, axis=0)

@@ -32,10 +32,12 @@ def bucket_length(n: int, minimum: int = 16) -> int:
 class VisionLayout:
     """Index arrays for one packed batch of images/videos (all NumPy, padded to ``num_patches_padded``).
 
-    ``patch_order[i]`` is the row of ``pixel_values`` that window-ordered position ``i`` reads;
-    ``positions`` are its (row, column) patch coordinates; attention is allowed where segment ids are
-    equal (``frame_segment`` for full-attention blocks, ``window_segment`` for windowed ones);
-    ``restore_order`` puts merged tokens back into the processor's order.
+    The encoder's sequence is window-ordered and slotted: window ``w`` occupies rows
+    ``[w * C, (w + 1) * C)`` with ``C = window_capacity * merge_unit`` (edge windows padded), so window
+    attention runs on [slots, C] blocks. ``patch_order[i]`` is the row of ``pixel_values`` that row ``i``
+    reads; ``positions`` are its (row, column) patch coordinates; full-attention blocks attend within
+    equal ``frame_segment`` ids; padding rows have segment ``PAD_SEGMENT``; ``restore_order`` gathers
+    merged tokens back into the processor's order.
     """
 
     patch_order: np.ndarray  # [N_pad] int32
@@ -88,7 +90,7 @@ def vision_layout(grid_thw: Sequence[Sequence[int]] | np.ndarray, cfg: VisionCon
     grid = _check_grid(grid_thw, cfg)
     m, unit = cfg.spatial_merge_size, cfg.merge_unit
     window = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
-    merged_order, positions, frames, windows, tokens = [], [], [], [], []
+    merged_order, positions, frames, windows, tokens, window_sizes = [], [], [], [], [], []
     merged_offset = frame_offset = window_offset = 0
     for t, h, w in grid.tolist():
         lh, lw = h // m, w // m
@@ -104,26 +106,51 @@ def vision_layout(grid_thw: Sequence[Sequence[int]] | np.ndarray, cfg: VisionCon
         frames.append(np.repeat(frame_of_token[order] + frame_offset, unit))
         windows.append(np.repeat(np.repeat(np.arange(len(sizes)), sizes) + window_offset, unit))
         tokens.append(t * lh * lw)
+        window_sizes.append(sizes)
         merged_offset += t * lh * lw
         frame_offset += t
         window_offset += len(sizes)
+    # Window slots: each window gets a fixed slot of ``capacity`` merged tokens (smaller edge windows are
+    # padded), so window attention is a batched attention over [slots, capacity] blocks.
+    capacity = window_capacity(cfg)
+    sizes = np.concatenate(window_sizes)
     merged = np.concatenate(merged_order)
     n_tokens = merged_offset
-    n_pad = bucket_length(n_tokens * unit, min_patches)
-    n_pad = -(-n_pad // unit) * unit  # whole merged tokens
-    m_pad = n_pad // unit
-    merged_padded = np.concatenate([merged, np.arange(n_tokens, m_pad)])
-    patch_order = (merged_padded[:, None] * unit + np.arange(unit)).reshape(-1)
-    restore = np.argsort(merged_padded, kind="stable")
+    min_slots = max(1, -(-min_patches // (capacity * unit)))
+    n_slots = bucket_length(len(sizes), min_slots)
+    slot_of_window = np.arange(len(sizes)) * capacity
+    within = np.arange(n_tokens) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    slot_index = np.repeat(slot_of_window, sizes) + within  # slotted merged position of each window-ordered token
+    m_pad = n_slots * capacity
+    n_pad = m_pad * unit
+    slotted = np.full((m_pad,), -1, np.int64)
+    slotted[slot_index] = merged
+    real = slotted >= 0
+    patch_real = np.repeat(real, unit)
+    n_patches = n_tokens * unit
+    patch_order = np.where(patch_real, (np.maximum(slotted, 0)[:, None] * unit + np.arange(unit)).reshape(-1),
+                           min(n_patches, n_pad - 1))
+    restore = np.zeros((m_pad,), np.int64)
+    restore[merged] = slot_index  # original merged index -> its slot position
+    restore[n_tokens:] = np.flatnonzero(~real)[:m_pad - n_tokens]
 
-    def pad(parts, fill, width=None):
+    patch_slot = (slot_index[:, None] * unit + np.arange(unit)).reshape(-1)  # window-ordered patch -> slot row
+
+    def scatter(parts, fill):
         a = np.concatenate(parts)
-        shape = (n_pad - a.shape[0],) + a.shape[1:]
-        return np.concatenate([a, np.full(shape, fill, a.dtype)]).astype(np.int32)
+        out = np.full((n_pad,) + a.shape[1:], fill, np.int64)
+        out[patch_slot] = a
+        return out.astype(np.int32)
 
-    return VisionLayout(patch_order=patch_order.astype(np.int32), positions=pad(positions, 0),
-                        frame_segment=pad(frames, PAD_SEGMENT), window_segment=pad(windows, PAD_SEGMENT),
+    return VisionLayout(patch_order=patch_order.astype(np.int32), positions=scatter(positions, 0),
+                        frame_segment=scatter(frames, PAD_SEGMENT), window_segment=scatter(windows, PAD_SEGMENT),
                         restore_order=restore.astype(np.int32), tokens_per_item=tuple(tokens))
+
+
+def window_capacity(cfg: VisionConfig) -> int:
+    """Merged tokens in one full attention window (windows are square in merged-token units)."""
+    side = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
+    return side * side
 
 
 def pad_patches(pixel_values: np.ndarray, layout: VisionLayout, cfg: VisionConfig) -> np.ndarray:
