@@ -62,13 +62,28 @@ class Sampler:
 
     def __post_init__(self):
         object.__setattr__(self, "_run_jit", jax.jit(self._run, static_argnums=(4,)))
+        object.__setattr__(self, "_run_thinker_jit", jax.jit(self._run_thinker, static_argnums=(0, 5)))
 
     def _run(self, params, ids, mask, rng, max_new_tokens: int):
         batch, length = ids.shape
         cache = KVCache.for_config(self.model.config, batch, length + max_new_tokens)
         positions = positions_from_mask(mask)
         out = self.model.apply({"params": params}, ids, positions, mask, cache=cache)
-        state = DecodeState(cache=out.cache, logits=out.logits[:, -1], positions=positions[:, -1] + 1,
+        return self._decode(params, out, positions[:, -1] + 1, rng, max_new_tokens)
+
+    def _run_thinker(self, thinker, params, encoders, inputs, rng, max_new_tokens: int):
+        """Multimodal prefill through the thinker, then the same decode loop. Decoding continues at
+        max(prompt positions) + 1 on all three M-RoPE streams (= real tokens + rope delta)."""
+        batch, length = inputs.input_ids.shape
+        cache = KVCache.for_config(self.model.config, batch, length + max_new_tokens)
+        out = thinker(params, encoders, inputs, cache=cache)
+        real = inputs.attention_mask.astype(bool)
+        next_positions = jnp.max(jnp.where(real, inputs.positions.max(axis=0), -1), axis=-1) + 1
+        return self._decode(params, out, next_positions, rng, max_new_tokens)
+
+    def _decode(self, params, out, next_positions, rng, max_new_tokens: int):
+        batch = out.logits.shape[0]
+        state = DecodeState(cache=out.cache, logits=out.logits[:, -1], positions=next_positions,
                             tokens=jnp.full((batch, max_new_tokens), self.pad_id, jnp.int32),
                             done=jnp.zeros((batch,), bool), step=jnp.zeros((), jnp.int32), rng=rng)
         eos = jnp.asarray(self.eos_ids, jnp.int32)
@@ -96,7 +111,25 @@ class Sampler:
         length = bucket_length(max(len(p) for p in prompts))
         ids, mask = left_pad(prompts, length, self.pad_id)
         rng = jax.random.key(0) if rng is None else rng
-        tokens = np.asarray(self._run_jit(params, ids, mask, rng, max_new_tokens))
+        return self._cut(np.asarray(self._run_jit(params, ids, mask, rng, max_new_tokens)))
+
+    def generate_multimodal(self, thinker, params, encoders, arrays: dict, max_new_tokens: int = 32,
+                            rng: jax.Array | None = None) -> list[list[int]]:
+        """Like ``generate``, for processor outputs (``OmniProcessor`` arrays: left-padded ids, media).
+
+        The prompt batch is left-padded to a prefill bucket before ``thinker.prepare``, so new prompt
+        lengths rarely recompile.
+        """
+        ids = np.asarray(arrays["input_ids"])
+        mask = np.asarray(arrays.get("attention_mask", np.ones_like(ids)))
+        extra = bucket_length(ids.shape[1]) - ids.shape[1]
+        padded = dict(arrays, input_ids=np.pad(ids, ((0, 0), (extra, 0)), constant_values=self.pad_id),
+                      attention_mask=np.pad(mask, ((0, 0), (extra, 0))))
+        inputs = thinker.prepare(**padded)
+        rng = jax.random.key(0) if rng is None else rng
+        return self._cut(np.asarray(self._run_thinker_jit(thinker, params, encoders, inputs, rng, max_new_tokens)))
+
+    def _cut(self, tokens: np.ndarray) -> list[list[int]]:
         results = []
         for row in tokens.tolist():
             cut = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
