@@ -20,6 +20,7 @@ import numpy as np
 
 from casa_jax.model.audio_encoder import audio_output_tokens
 from casa_jax.model.encoder_config import VisionConfig
+from casa_jax.model.rope_index import chunk_slices
 
 SAMPLING_RATE = 16_000
 MAX_AUDIO_SECONDS = 30  # the feature extractor pads/truncates to 30 s; longer clips are refused
@@ -216,51 +217,95 @@ class OmniProcessor:
         return {"input_features": out["input_features"], "feature_attention_mask": out["attention_mask"]}
 
     # -- text --------------------------------------------------------------------------------------
-    def _expand(self, texts: list[str], token: str, counts: list[int], kind: str) -> list[str]:
-        """Replace the k-th ``token`` (counting across all texts) by ``counts[k]`` copies."""
+    def _expand(self, texts: list[str], token: str, replacements: list[str], kind: str) -> list[str]:
+        """Replace the k-th ``token`` (counting across all texts) by ``replacements[k]``."""
         found = sum(t.count(token) for t in texts)
-        if found != len(counts):
-            raise InputError(f"the prompts hold {found} {token} placeholders but {len(counts)} {kind} were given; "
-                             f"each {kind[:-1]} needs exactly one placeholder")
-        it = iter(counts)
-        return ["".join([parts[0]] + [token * next(it) + rest for rest in parts[1:]])
+        if found != len(replacements):
+            raise InputError(f"the prompts hold {found} {token} placeholders but {len(replacements)} {kind} were "
+                             f"given; each {kind[:-1]} needs exactly one placeholder")
+        it = iter(replacements)
+        return ["".join([parts[0]] + [next(it) + rest for rest in parts[1:]])
                 for parts in (t.split(token) for t in texts)]
+
+    def _video_with_audio(self, grid: np.ndarray, seconds_per_grid: float, audio_tokens: int,
+                          seconds_per_chunk: float, position_id_per_seconds: float) -> str:
+        """Video and audio placeholders interleaved in time chunks, as ``Qwen2_5OmniProcessor`` writes them."""
+        tok = self.tokenizer
+        m = self.vision.spatial_merge_size
+        t, h, w = (int(x) for x in grid)
+        video_index = np.repeat(np.arange(t), (h // m) * (w // m)) * seconds_per_grid * position_id_per_seconds
+        per_chunk = int(position_id_per_seconds * seconds_per_chunk)
+        video_chunks = chunk_slices(video_index, per_chunk)
+        audio_chunks = chunk_slices(np.arange(audio_tokens), per_chunk)
+        text = tok.audio_bos_token
+        for j in range(max(len(video_chunks), len(audio_chunks))):
+            if j < len(video_chunks):
+                text += tok.video_token * (video_chunks[j][1] - video_chunks[j][0])
+            if j < len(audio_chunks):
+                text += tok.audio_token * (audio_chunks[j][1] - audio_chunks[j][0])
+        return text + tok.audio_eos_token
 
     def __call__(self, text: str | Sequence[str], images: Sequence[Any] | None = None,
                  videos: Sequence[Any] | None = None, audio: Sequence[Any] | None = None,
-                 resample_audio: bool = False) -> dict[str, np.ndarray]:
-        """Prompts holding one placeholder per medium (as the chat template writes them) -> arrays."""
+                 resample_audio: bool = False, use_audio_in_video: bool = False, seconds_per_chunk: float = 2.0,
+                 position_id_per_seconds: float = 25) -> dict[str, Any]:
+        """Prompts holding one placeholder per medium (as the chat template writes them) -> arrays.
+
+        ``use_audio_in_video``: ``audio[i]`` is the sound track of ``videos[i]``; each video placeholder
+        becomes video and audio tokens interleaved in ``seconds_per_chunk`` chunks, and the prompts hold
+        no separate audio placeholders.
+        """
         texts = [text] if isinstance(text, str) else list(text)
         tok = self.tokenizer
         if tok is None:
             raise InputError("this OmniProcessor has no tokenizer; it can only process media (images/videos/audio)")
-        out: dict[str, np.ndarray] = {}
+        images, videos, audio = list(images or []), list(videos or []), list(audio or [])
+        out: dict[str, Any] = {}
         merge = self.vision.merge_unit
-        for kind, media, token, method in (("images", images, tok.image_token, self.images),
-                                           ("videos", videos, tok.video_token, self.videos),
-                                           ("audio clips", audio, tok.audio_token, None)):
-            media = list(media or [])
-            if not media:
-                if any(token in t for t in texts):
-                    raise InputError(f"the prompts hold {token} placeholders but no {kind} were given")
-                continue
-            if method is None:
-                arrays = self.audio(media, resample=resample_audio)
-                counts = audio_output_tokens(arrays["feature_attention_mask"].sum(-1)).tolist()
-            else:
-                arrays = method(media)
-                grid = arrays["image_grid_thw" if kind == "images" else "video_grid_thw"]
-                counts = (grid.prod(-1) // merge).tolist()
-            texts = self._expand(texts, token, counts, kind)
-            out.update(arrays)
+        audio_tokens: list[int] = []
+        if audio:
+            out.update(self.audio(audio, resample=resample_audio))
+            audio_tokens = audio_output_tokens(out["feature_attention_mask"].sum(-1)).tolist()
+        if images:
+            out.update(self.images(images))
+            texts = self._expand(texts, tok.image_token,
+                                 [tok.image_token * n for n in (out["image_grid_thw"].prod(-1) // merge).tolist()],
+                                 "images")
+        if use_audio_in_video:
+            if len(audio) != len(videos):
+                raise InputError(f"use_audio_in_video needs one audio clip per video: got {len(videos)} videos and "
+                                 f"{len(audio)} audio clips")
+            if any(tok.audio_token in t for t in texts):
+                raise InputError(f"with use_audio_in_video the audio clips are the videos' sound tracks; the prompts "
+                                 f"must not hold separate {tok.audio_token} placeholders")
+            out.update(self.videos(videos))
+            replacements = [self._video_with_audio(g, s, n, seconds_per_chunk, position_id_per_seconds)
+                            for g, s, n in zip(out["video_grid_thw"], out["video_second_per_grid"], audio_tokens)]
+            texts = self._expand(texts, tok.video_token, replacements, "videos")
+            out["use_audio_in_video"] = True
+        else:
+            if videos:
+                out.update(self.videos(videos))
+                texts = self._expand(texts, tok.video_token, [tok.video_token * n for n in (
+                    out["video_grid_thw"].prod(-1) // merge).tolist()], "videos")
+            if audio:
+                texts = self._expand(texts, tok.audio_token, [tok.audio_token * n for n in audio_tokens],
+                                     "audio clips")
+        for kind, media, token in (("images", images, tok.image_token), ("videos", videos, tok.video_token),
+                                   ("audio clips", audio, tok.audio_token)):
+            if not media and any(token in t for t in texts):
+                raise InputError(f"the prompts hold {token} placeholders but no {kind} were given")
         enc = tok(texts, padding=True, padding_side="left", return_tensors="np")
         out["input_ids"] = enc["input_ids"]
         out["attention_mask"] = enc["attention_mask"]
         return out
 
-    def apply_chat_template(self, conversations: Sequence[Sequence[Mapping]], add_generation_prompt: bool = True
-                            ) -> tuple[list[str], dict[str, list]]:
-        """Render conversations and collect their media in order: (texts, {"images", "videos", "audio"})."""
+    def apply_chat_template(self, conversations: Sequence[Sequence[Mapping]], add_generation_prompt: bool = True,
+                            audio_in_video: bool = False) -> tuple[list[str], dict[str, list]]:
+        """Render conversations and collect their media in order: (texts, {"images", "videos", "audio"}).
+
+        ``audio_in_video``: audio items are the videos' sound tracks and get no placeholder of their own.
+        """
         media: dict[str, list] = {"images": [], "videos": [], "audio": []}
         field = {"image": "images", "video": "videos", "audio": "audio"}
         for c, conversation in enumerate(conversations):
@@ -280,17 +325,25 @@ class OmniProcessor:
                     elif kind != "text":
                         raise InputError(f"conversation {c}, message {m}: unknown content type {kind!r}; "
                                          "expected text, image, video or audio")
+        rendered = conversations
+        if audio_in_video:  # sound tracks travel with their video placeholder
+            rendered = [[dict(m, content=[i for i in m["content"] if i.get("type") != "audio"])
+                         if not isinstance(m.get("content"), str) else m for m in conv] for conv in conversations]
         texts = [self.tokenizer.apply_chat_template(list(conv), tokenize=False, chat_template=OMNI_CHAT_TEMPLATE,
                                                     add_generation_prompt=add_generation_prompt)
-                 for conv in conversations]
+                 for conv in rendered]
         return texts, media
 
     def from_messages(self, conversations: Sequence[Sequence[Mapping]], add_generation_prompt: bool = True,
-                      resample_audio: bool = False) -> dict[str, np.ndarray]:
-        """Chat conversations (HF message format with content items) -> processor arrays."""
-        texts, media = self.apply_chat_template(conversations, add_generation_prompt)
-        return self(texts, images=media["images"], videos=media["videos"], audio=media["audio"],
-                    resample_audio=resample_audio)
+                      **kwargs) -> dict[str, Any]:
+        """Chat conversations (HF message format with content items) -> processor arrays.
+
+        ``kwargs`` go to ``__call__`` (``resample_audio``, ``use_audio_in_video``, ...). With
+        ``use_audio_in_video``, give each video's sound track as an ``audio`` item right after it.
+        """
+        texts, media = self.apply_chat_template(conversations, add_generation_prompt,
+                                                 audio_in_video=kwargs.get("use_audio_in_video", False))
+        return self(texts, images=media["images"], videos=media["videos"], audio=media["audio"], **kwargs)
 
 
 def load_image(path: str) -> np.ndarray:

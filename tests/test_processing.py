@@ -113,8 +113,9 @@ def test_resampling_on_request(processor):
     assert out["feature_attention_mask"].sum() == 100
 
 
-def test_messages_to_logits_match_transformers(hf_root, tokenizer, processor):
-    """Chat messages with an image, audio and a video -> our inputs -> logits equal to transformers'."""
+@pytest.fixture(scope="module")
+def token_thinker(hf_root, tokenizer):
+    """A tiny thinker whose special-token ids are the tiny tokenizer's."""
     ids = {attr: tokenizer.convert_tokens_to_ids(tok) for attr, tok in
            (("image_token_index", "<|IMAGE|>"), ("video_token_index", "<|VIDEO|>"),
             ("audio_token_index", "<|AUDIO|>"), ("vision_start_token_id", "<|vision_bos|>"),
@@ -127,6 +128,26 @@ def test_messages_to_logits_match_transformers(hf_root, tokenizer, processor):
     finally:
         fx.THINKER_TOKENS.clear()
         fx.THINKER_TOKENS.update(saved)
+    loaded = load_hf_checkpoint(path, progress=False)
+    thinker = Thinker.from_spec(loaded.spec)
+    hf = transformers.Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
+        path, attn_implementation="eager").eval()
+    return thinker, loaded, hf
+
+
+def _logits_diff(token_thinker, arrays, **hf_kwargs):
+    thinker, loaded, hf = token_thinker
+    logits = np.asarray(jax.jit(lambda p, e, x: thinker(p, e, x).logits)(
+        loaded.params, loaded.encoders, thinker.prepare(**arrays)))
+    tensors = {k: torch.tensor(np.asarray(v)) for k, v in arrays.items() if k != "use_audio_in_video"}
+    with torch.no_grad():
+        ref = hf(**tensors, **hf_kwargs).logits.numpy()
+    real = arrays["attention_mask"].astype(bool)
+    return np.abs(logits[real] - ref[real]).max()
+
+
+def test_messages_to_logits_match_transformers(token_thinker, processor, tokenizer):
+    """Chat messages with an image, audio and a video -> our inputs -> logits equal to transformers'."""
     rng = np.random.default_rng(2)
     conversations = _conversations(rng)
     conversations[0][0]["content"].append({"type": "video", "video": rng.integers(0, 256, (4, 56, 56, 3),
@@ -134,13 +155,31 @@ def test_messages_to_logits_match_transformers(hf_root, tokenizer, processor):
     proc = OmniProcessor(tokenizer, processor.vision, video_min_pixels=28 * 28 * 2,
                          video_max_pixels=28 * 28 * 4, **SMALL)
     arrays = proc.from_messages(conversations)
-    loaded = load_hf_checkpoint(path, progress=False)
-    thinker = Thinker.from_spec(loaded.spec)
-    logits = np.asarray(jax.jit(lambda p, e, x: thinker(p, e, x).logits)(
-        loaded.params, loaded.encoders, thinker.prepare(**arrays)))
-    hf = transformers.Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
-        path, attn_implementation="eager").eval()
-    with torch.no_grad():
-        ref = hf(**{k: torch.tensor(np.asarray(v)) for k, v in arrays.items()}).logits.numpy()
-    real = arrays["attention_mask"].astype(bool)
-    assert np.abs(logits[real] - ref[real]).max() <= 1e-4
+    assert _logits_diff(token_thinker, arrays) <= 1e-4
+
+
+def test_audio_in_video_matches_transformers(token_thinker, tokenizer, processor, reference):
+    """use_audio_in_video: the placeholder string equals Qwen2_5OmniProcessor's, and the thinker's logits
+    (interleaved 3-D positions, both encoders) equal transformers' with use_audio_in_video=True."""
+    from types import SimpleNamespace
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (8, 56, 56, 3), dtype=np.uint8)  # 4 s at 2 fps -> 4 temporal patches
+    conversation = [[{"role": "user", "content": [{"type": "video", "video": frames},
+                                                  {"type": "audio", "audio": _tone(4.2)},
+                                                  {"type": "text", "text": "What happens?"}]}]]
+    proc = OmniProcessor(tokenizer, processor.vision, video_min_pixels=28 * 28 * 2, video_max_pixels=28 * 28 * 4,
+                         **SMALL)
+    arrays = proc.from_messages(conversation, use_audio_in_video=True)
+    assert arrays["use_audio_in_video"] is True
+    # transformers' own placeholder string for the same grid and audio length
+    reference.video_processor = SimpleNamespace(merge_size=2)
+    audio_inputs = {"num_audio_tokens": [int(((arrays["feature_attention_mask"].sum() - 1) // 2 + 1 - 2) // 2 + 1)]}
+    expected = transformers.Qwen2_5OmniProcessor.replace_video_with_audio_token(
+        reference, {"video_grid_thw": arrays["video_grid_thw"], "video_second_per_grid": [1.0]}, 0, audio_inputs, 0,
+        position_id_per_seconds=25, seconds_per_chunk=2.0)
+    text = tokenizer.decode(arrays["input_ids"][0])
+    assert expected in text and "<|vision_bos|><|audio_bos|>" in text
+    assert (arrays["input_ids"] == tokenizer.convert_tokens_to_ids("<|VIDEO|>")).sum() == 4 * 4
+    assert _logits_diff(token_thinker, arrays, use_audio_in_video=True) <= 1e-4
+    with pytest.raises(InputError, match="one audio clip per video"):
+        proc("<|VIDEO|>", videos=[frames], use_audio_in_video=True)

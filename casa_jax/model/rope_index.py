@@ -57,7 +57,7 @@ def _vision_positions(start: int, grid_thw: np.ndarray, merge: int, t_index: np.
     return np.stack([t, hh, ww]) + start
 
 
-def _chunks(values: np.ndarray, per_chunk: int, offset: int) -> list[tuple[int, int]]:
+def chunk_slices(values: np.ndarray, per_chunk: int, offset: int = 0) -> list[tuple[int, int]]:
     """(start, end) slices of increasing ``values`` that fall in successive windows of ``per_chunk``."""
     out, start, chunk = [], 0, 1
     for i, v in enumerate(values):
@@ -147,8 +147,8 @@ def get_rope_index(
                     audio_len = audio_token_count(int(audio_seqlens[audio_idx]))
                     audio_pos = _run(audio_len, start)
                     per_chunk = int(per_sec * tk.seconds_per_chunk)
-                    v_chunks = _chunks(video_pos[0], per_chunk, start)
-                    a_chunks = _chunks(audio_pos[0], per_chunk, start)
+                    v_chunks = chunk_slices(video_pos[0], per_chunk, start)
+                    a_chunks = chunk_slices(audio_pos[0], per_chunk, start)
                     for j in range(max(len(v_chunks), len(a_chunks))):
                         if j < len(v_chunks):
                             parts.append(video_pos[:, v_chunks[j][0]:v_chunks[j][1]])
