@@ -6,7 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from casa_jax.model.layers import Dense
+from casa_jax.model.layers import Dense, LoraSpec
 from casa_jax.model.rope import apply_rotary
 
 
@@ -26,6 +26,7 @@ class Attention(nn.Module):
     use_bias: bool = True
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: LoraSpec = LoraSpec()
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
@@ -36,11 +37,11 @@ class Attention(nn.Module):
         """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         q = Dense((self.num_heads, self.head_dim), ("embed", "q_heads", "head_dim"),
-                  use_bias=self.use_bias, name="q_proj", **kw)(x)
+                  use_bias=self.use_bias, name="q_proj", **kw, **self.lora.for_layer("q_proj"))(x)
         k = Dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"),
-                  use_bias=self.use_bias, name="k_proj", **kw)(x)
+                  use_bias=self.use_bias, name="k_proj", **kw, **self.lora.for_layer("k_proj"))(x)
         v = Dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"),
-                  use_bias=self.use_bias, name="v_proj", **kw)(x)
+                  use_bias=self.use_bias, name="v_proj", **kw, **self.lora.for_layer("v_proj"))(x)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads",
@@ -64,5 +65,6 @@ class Attention(nn.Module):
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads, d)
         out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads",
                                                "activation_head_dim"))
-        out = Dense((x.shape[-1],), ("q_heads", "head_dim", "embed"), in_axes=2, name="o_proj", **kw)(out)
+        out = Dense((x.shape[-1],), ("q_heads", "head_dim", "embed"), in_axes=2, name="o_proj", **kw,
+                    **self.lora.for_layer("o_proj"))(out)
         return out, new_cache

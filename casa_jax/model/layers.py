@@ -1,13 +1,36 @@
-"""Basic layers with logical axis names on every parameter: dense, embedding, RMSNorm, SwiGLU MLP."""
+"""Basic layers with logical axis names on every parameter: dense (with optional LoRA), embedding,
+RMSNorm, SwiGLU MLP."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Dtype = jnp.dtype
 default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+LORA_COLLECTION = "lora"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Low-rank adapters on the Dense layers whose names are in ``targets``: W x + (alpha / rank) B A x."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+
+    def for_layer(self, name: str) -> dict:
+        """Dense keyword arguments for the layer called ``name`` (empty when it gets no adapter)."""
+        if self.rank <= 0 or name not in self.targets:
+            return {}
+        return dict(lora_rank=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout)
 
 
 class Dense(nn.Module):
@@ -15,6 +38,11 @@ class Dense(nn.Module):
 
     ``features`` may be a tuple (e.g. ``(heads, head_dim)``); ``in_axes`` contracts that many trailing
     input dims. The kernel is stored ``[*in_dims, *out_dims]`` and cast to ``dtype`` for the matmul.
+
+    With ``lora_rank > 0`` the layer owns a LoRA pair in the separate ``"lora"`` collection
+    (``lora_a [*in_dims, r]``, normal init; ``lora_b [r, *out_dims]``, zero init, so training starts
+    from the base model). Applied without that collection, the layer is the plain base layer: the same
+    module serves as the frozen reference. Dropout on the adapter input needs a ``"dropout"`` rng.
     """
 
     features: tuple[int, ...]
@@ -23,6 +51,9 @@ class Dense(nn.Module):
     in_axes: int = 1
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., *in] -> [..., *features]
@@ -41,7 +72,25 @@ class Dense(nn.Module):
                                                                    self.kernel_axes[self.in_axes:]),
                               features, self.param_dtype)
             y = y + bias.astype(self.dtype)
+        if self.lora_rank > 0 and (self.is_initializing() or self.has_variable(LORA_COLLECTION, "lora_a")):
+            y = y + self._lora(x, in_shape, features, in_dims)
         return y
+
+    def _lora(self, x, in_shape, features, in_dims):
+        r = self.lora_rank
+        in_names, out_names = self.kernel_axes[:self.in_axes], self.kernel_axes[self.in_axes:]
+        fan_in = int(np.prod(in_shape))
+        a = self.variable(LORA_COLLECTION, "lora_a", nn.with_logical_partitioning(
+            nn.initializers.normal(stddev=fan_in ** -0.5), in_names + ("lora_rank",)),
+            self.make_rng("params") if self.is_initializing() else None, in_shape + (r,), self.param_dtype).value
+        b = self.variable(LORA_COLLECTION, "lora_b", nn.with_logical_partitioning(
+            nn.initializers.zeros_init(), ("lora_rank",) + out_names),
+            None, (r,) + features, self.param_dtype).value
+        if self.lora_dropout > 0 and self.has_rng("dropout"):
+            x = nn.Dropout(self.lora_dropout, deterministic=False)(x, rng=self.make_rng("dropout"))
+        down = jax.lax.dot_general(x, a.astype(self.dtype), ((in_dims, tuple(range(self.in_axes))), ((), ())))
+        up = jnp.tensordot(down, b.astype(self.dtype), axes=1)
+        return up * jnp.asarray(self.lora_alpha / r, self.dtype)
 
 
 class Embed(nn.Module):
@@ -86,12 +135,15 @@ class SwiGLU(nn.Module):
     intermediate_size: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: LoraSpec = LoraSpec()
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, E] -> [B, T, E]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        gate = Dense((self.intermediate_size,), ("embed", "mlp"), name="gate_proj", **kw)(x)
-        up = Dense((self.intermediate_size,), ("embed", "mlp"), name="up_proj", **kw)(x)
+        gate = Dense((self.intermediate_size,), ("embed", "mlp"), name="gate_proj", **kw,
+                     **self.lora.for_layer("gate_proj"))(x)
+        up = Dense((self.intermediate_size,), ("embed", "mlp"), name="up_proj", **kw,
+                   **self.lora.for_layer("up_proj"))(x)
         h = nn.silu(gate) * up
         h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
-        return Dense((x.shape[-1],), ("mlp", "embed"), name="down_proj", **kw)(h)
+        return Dense((x.shape[-1],), ("mlp", "embed"), name="down_proj", **kw, **self.lora.for_layer("down_proj"))(h)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from casa_jax.model.attention import Attention, attention_mask_bias
 from casa_jax.model.config import TextConfig
 from casa_jax.model.kv_cache import KVCache
-from casa_jax.model.layers import Dense, Embed, RMSNorm, SwiGLU
+from casa_jax.model.layers import LORA_COLLECTION, Dense, Embed, RMSNorm, SwiGLU
 from casa_jax.model.rope import rotary_cos_sin
 
 ACT = ("activation_batch", "activation_length", "activation_embed")
@@ -60,11 +60,11 @@ class DecoderLayer(nn.Module):
         x = nn.with_logical_constraint(x, ACT)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
         h, new_cache = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim,
-                                 use_bias=cfg.attention_bias, name="self_attn", **kw)(
+                                 use_bias=cfg.attention_bias, name="self_attn", lora=cfg.lora, **kw)(
             h, ctx.cos, ctx.sin, ctx.mask, layer_cache, ctx.cache_index)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        x = x + SwiGLU(cfg.intermediate_size, name="mlp", **kw)(h)
+        x = x + SwiGLU(cfg.intermediate_size, name="mlp", lora=cfg.lora, **kw)(h)
         x = nn.with_logical_constraint(x, ACT)
         return x, (new_cache, x)
 
@@ -80,7 +80,7 @@ def _layer_stack(config: TextConfig):
         layer = nn.remat(layer, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
     return nn.scan(
         layer,
-        variable_axes={"params": 0},
+        variable_axes={"params": 0, LORA_COLLECTION: 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, 0),
         length=config.num_hidden_layers,
