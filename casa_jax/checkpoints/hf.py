@@ -40,6 +40,8 @@ class LoadedCheckpoint:
     spec: ModelSpec
     params: dict  # the CausalLM params tree
     encoders: dict = dataclasses.field(default_factory=dict)  # thinkers: {"visual": ..., "audio_tower": ...}
+    extra: dict = dataclasses.field(default_factory=dict)  # other saved trees, e.g. {"lora": ..., "safety": ...}
+    meta: dict = dataclasses.field(default_factory=dict)  # extra JSON metadata saved with them (e.g. "casa")
 
 
 def _set(tree: dict, path: tuple[str, ...], value) -> None:

@@ -35,24 +35,32 @@ STATE_DIR = "state"
 
 
 def save_checkpoint(ckpt_dir: str, loaded: LoadedCheckpoint, sidecar_from: str | None = None,
-                    overwrite: bool = False) -> None:
-    """Write params (+ encoder params, configs, tokenizer files) to ``ckpt_dir`` atomically."""
+                    overwrite: bool = False, tokenizer=None) -> None:
+    """Write params (+ encoder params, extra trees such as LoRA/safety heads, configs, tokenizer files)
+    to ``ckpt_dir`` atomically. ``tokenizer``: saved into the sidecar (after the files copied from
+    ``sidecar_from``), e.g. one that gained safety tokens."""
     with hf_files.atomic_directory(ckpt_dir, overwrite=overwrite) as tmp:
         state = {"params": loaded.params}
         if loaded.encoders:  # orbax cannot store an empty subtree
             state["encoders"] = loaded.encoders
+        for name, tree in (loaded.extra or {}).items():
+            if name in state:
+                raise ValueError(f"extra state {name!r} clashes with a built-in entry")
+            state[name] = tree
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(tmp, STATE_DIR), state)
         checkpointer.wait_until_finished()
         hf_files.write_json(os.path.join(tmp, HF_CONFIG_FILE), loaded.spec.hf_config)
-        if sidecar_from:
+        if sidecar_from or tokenizer is not None:
             os.makedirs(os.path.join(tmp, SIDECAR_DIR))
-            for name in sidecar_files(sidecar_from):
+            for name in sidecar_files(sidecar_from) if sidecar_from else []:
                 shutil.copyfile(os.path.join(sidecar_from, name), os.path.join(tmp, SIDECAR_DIR, name))
+            if tokenizer is not None:
+                tokenizer.save_pretrained(os.path.join(tmp, SIDECAR_DIR))
         # Written last: its presence marks a complete checkpoint.
         hf_files.write_json(os.path.join(tmp, META_FILE), {
             "format": FORMAT, "version": VERSION, "model_type": loaded.spec.model_type,
-            "text_config": loaded.spec.text.to_dict()})
+            "text_config": loaded.spec.text.to_dict(), **(loaded.meta or {})})
 
 
 def read_meta(ckpt_dir: str) -> dict:
@@ -89,14 +97,19 @@ def restore_checkpoint(ckpt_dir: str, shardings: Any = None, **policy) -> Loaded
         return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding or default)
 
     target = {}
-    if "encoders" in tree:
-        target["encoders"] = jax.tree.map(abstract, tree["encoders"])
+    for name in tree:
+        if name != "params":  # encoders and extra trees (LoRA, safety head, ...) are small: default device
+            target[name] = jax.tree.map(abstract, tree[name])
     if shardings is None:
         target["params"] = jax.tree.map(abstract, tree["params"])
     else:
         target["params"] = jax.tree.map(abstract, tree["params"], shardings)
     state = checkpointer.restore(state_dir, target)
-    return LoadedCheckpoint(spec=spec, params=state["params"], encoders=state.get("encoders", {}))
+    meta = read_meta(ckpt_dir)
+    extra = {k: v for k, v in state.items() if k not in ("params", "encoders")}
+    builtin = {"format", "version", "model_type", "text_config"}
+    return LoadedCheckpoint(spec=spec, params=state["params"], encoders=state.get("encoders", {}), extra=extra,
+                            meta={k: v for k, v in meta.items() if k not in builtin})
 
 
 def sidecar_dir(ckpt_dir: str) -> str | None:

@@ -20,6 +20,7 @@ from casa_jax.model.audio_encoder import AudioEncoder, audio_layout
 from casa_jax.model.config import ConfigError, ModelSpec, TextConfig
 from casa_jax.model.encoder_config import AudioConfig, VisionConfig, encoder_configs
 from casa_jax.model.kv_cache import KVCache
+from casa_jax.model.layers import LORA_COLLECTION
 from casa_jax.model.rope_index import ThinkerTokens, get_rope_index
 from casa_jax.model.text_decoder import CausalLM, DecoderOutput
 from casa_jax.model.vision_encoder import VisionEncoder
@@ -193,7 +194,7 @@ class Thinker:
     def embed(self, params, encoders, inputs: ThinkerInputs) -> jax.Array:
         """Token embeddings [B, T, E] with every placeholder replaced by its encoder output."""
         ids = inputs.input_ids
-        x = self.decoder.apply({"params": params}, ids, method=CausalLM.embed)
+        x = self.decoder.apply({"params": params}, ids, method=CausalLM.embed)  # (LoRA never touches embeddings)
         batch, length, width = x.shape
         flat = x.reshape(batch * length, width)
         if inputs.vision is not None:
@@ -205,8 +206,10 @@ class Thinker:
         return flat.reshape(batch, length, width)
 
     def __call__(self, params, encoders, inputs: ThinkerInputs, cache: KVCache | None = None,
-                 hidden_layers: Sequence[int] = (), return_logits: bool = True) -> DecoderOutput:
+                 hidden_layers: Sequence[int] = (), return_logits: bool = True, lora=None) -> DecoderOutput:
+        """``lora``: the decoder's LoRA collection (None: the base decoder)."""
         embeds = self.embed(params, encoders, inputs)
-        return self.decoder.apply({"params": params}, None, inputs.positions, inputs.attention_mask, cache=cache,
+        variables = {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
+        return self.decoder.apply(variables, None, inputs.positions, inputs.attention_mask, cache=cache,
                                   inputs_embeds=embeds, hidden_layers=tuple(hidden_layers),
                                   return_logits=return_logits)

@@ -1,0 +1,70 @@
+"""Saving and loading a trained model: the base checkpoint layout plus LoRA, the safety head and the
+CASA settings (``casa_jax.json`` gains a ``"casa"`` entry; the sidecar tokenizer holds the safety tokens)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+from casa_jax.casa.config import CasaConfig
+from casa_jax.casa.safety_tokens import SafetyTokenIds
+from casa_jax.checkpoints.hf import LoadedCheckpoint
+from casa_jax.checkpoints.hf_files import CheckpointError
+from casa_jax.checkpoints.orbax_io import restore_checkpoint, save_checkpoint
+from casa_jax.model.config import ModelSpec
+from casa_jax.sampling.conditional import CasaWeights
+
+
+@dataclasses.dataclass
+class TrainedModel:
+    spec: ModelSpec  # text config carries the LoRA settings
+    params: dict
+    encoders: dict
+    objective: str | None  # "casa", "ssft", "circuit_breaker" or None for a plain converted checkpoint
+    lora: Any = None
+    casa: CasaConfig | None = None
+    ids: SafetyTokenIds | None = None
+    safety: Any = None
+    unsafe_query: np.ndarray | None = None
+
+    @property
+    def is_casa(self) -> bool:
+        return self.objective == "casa"
+
+    def weights(self) -> CasaWeights:
+        return CasaWeights(params=self.params, lora=self.lora, safety=self.safety, unsafe_query=self.unsafe_query,
+                           encoders=self.encoders or None)
+
+
+def save_trained(ckpt_dir: str, model: TrainedModel, tokenizer, sidecar_from: str | None = None,
+                 overwrite: bool = False) -> None:
+    extra: dict = {}
+    if model.lora is not None:
+        extra["lora"] = model.lora
+    meta: dict = {"objective": model.objective}
+    if model.is_casa:
+        extra["safety"] = model.safety
+        extra["unsafe_query"] = np.asarray(model.unsafe_query)
+        meta["casa"] = {"config": model.casa.to_dict(), "safe_id": model.ids.safe, "unsafe_id": model.ids.unsafe}
+    save_checkpoint(ckpt_dir, LoadedCheckpoint(spec=model.spec, params=model.params, encoders=model.encoders,
+                                               extra=extra, meta=meta),
+                    sidecar_from=sidecar_from, overwrite=overwrite, tokenizer=tokenizer)
+
+
+def load_trained(ckpt_dir: str, **policy) -> TrainedModel:
+    """Any casa-jax checkpoint: a converted one (objective None) or one written by ``save_trained``."""
+    loaded = restore_checkpoint(ckpt_dir, **policy)
+    objective = loaded.meta.get("objective")
+    model = TrainedModel(spec=loaded.spec, params=loaded.params, encoders=loaded.encoders, objective=objective,
+                         lora=loaded.extra.get("lora"))
+    if objective == "casa":
+        casa = loaded.meta.get("casa")
+        if not casa or "safety" not in loaded.extra:
+            raise CheckpointError(f"{ckpt_dir}: says objective 'casa' but holds no safety head / casa settings")
+        model.casa = CasaConfig.from_dict(casa["config"])
+        model.ids = SafetyTokenIds(int(casa["safe_id"]), int(casa["unsafe_id"]))
+        model.safety = loaded.extra["safety"]
+        model.unsafe_query = loaded.extra["unsafe_query"]
+    return model

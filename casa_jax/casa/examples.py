@@ -1,0 +1,77 @@
+"""Training examples -> padded token batches for the objectives.
+
+An example is (prompt, harmful?, target). The chat template renders the user turn and opens the
+assistant turn; CASA puts one safety token right there, then the target (refusal or answer) and the
+end-of-turn token. Only the target tokens carry the language-model loss; the safety token is learned
+through its own two-way loss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import flax.struct
+import jax
+import numpy as np
+
+from casa_jax.casa.config import SAFETY_PROMPT
+from casa_jax.casa.safety_tokens import SafetyTokenIds
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+    prompt: str
+    harmful: bool
+    target: str
+
+
+@flax.struct.dataclass
+class TrainBatch:
+    input_ids: jax.Array  # [B, T] int32, right-padded
+    attention_mask: jax.Array  # [B, T] int32
+    loss_mask: jax.Array  # [B, T] int32: 1 where the token is a target the LM loss predicts
+    prompt_mask: jax.Array  # [B, T] int32: the prompt positions the safety attention reads
+    safety_index: jax.Array  # [B] int32: position of the safety token (-1: none, e.g. SSFT)
+    label: jax.Array  # [B] int32: 1 harmful, 0 benign
+
+
+def render_prompt(tokenizer, prompt: str, safety_prompt: bool = False) -> list[int]:
+    """Token ids of the chat-formatted user turn plus the opened assistant turn."""
+    text = f"{SAFETY_PROMPT} {prompt}" if safety_prompt else prompt
+    return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))
+
+
+def end_of_turn_id(tokenizer) -> int:
+    vocab = tokenizer.get_vocab()
+    return vocab.get("<|im_end|>", tokenizer.eos_token_id)
+
+
+def build_batch(tokenizer, examples: Sequence[Example], length: int, ids: SafetyTokenIds | None,
+                safety_prompt: bool = False) -> TrainBatch:
+    """Examples -> a ``TrainBatch`` of ``length`` tokens (NumPy). ``ids=None`` builds SSFT-style rows
+    without a safety token. Targets are cut to fit; a prompt that cannot fit is an error naming it."""
+    b = len(examples)
+    out = {k: np.zeros((b, length), np.int32) for k in ("input_ids", "attention_mask", "loss_mask", "prompt_mask")}
+    safety_index = np.full((b,), -1, np.int32)
+    label = np.asarray([int(e.harmful) for e in examples], np.int32)
+    eot = end_of_turn_id(tokenizer)
+    pad = tokenizer.pad_token_id or 0
+    out["input_ids"][:] = pad
+    for row, ex in enumerate(examples):
+        prompt = render_prompt(tokenizer, ex.prompt, safety_prompt)
+        head = prompt + ([ids.of(ex.harmful)] if ids is not None else [])
+        if len(head) + 1 > length:
+            raise ValueError(f"example {row}: the prompt takes {len(head)} tokens, more than length={length} allows "
+                             f"(prompt starts {ex.prompt[:40]!r}); raise the sequence length")
+        target = tokenizer.encode(ex.target, add_special_tokens=False) + [eot]
+        target = target[:length - len(head)]
+        seq = head + target
+        out["input_ids"][row, :len(seq)] = seq
+        out["attention_mask"][row, :len(seq)] = 1
+        out["loss_mask"][row, len(head):len(seq)] = 1
+        out["prompt_mask"][row, :len(prompt)] = 1
+        if ids is not None:
+            safety_index[row] = len(prompt)
+    return TrainBatch(safety_index=safety_index, label=label, **out)

@@ -1,0 +1,37 @@
+"""Default training settings (an ml_collections ConfigDict) shared by ``configs/*`` files.
+
+Key names follow flax's examples (``num_train_steps``, ``log_every_steps``, ``eval_every_steps``).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from casa_jax.casa.config import CasaConfig
+from casa_jax.model.config import LORA_TARGETS
+
+
+def default_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.objective = objective  # casa | ssft | circuit_breaker
+    c.base = "tiny"  # "tiny" (the embedded random tiny model) or a casa-jax checkpoint directory
+    c.seed = 0
+    c.batch_size = 16
+    c.num_train_steps = 200
+    c.log_every_steps = 25
+    c.eval_every_steps = 100
+    c.learning_rate = 2e-3
+    c.safety_learning_rate = 3e-2
+    c.warmup_steps = 10
+    c.weight_decay = 0.0
+    c.grad_clip = 1.0
+    c.data = ml_collections.ConfigDict(dict(
+        harmful_sets=["harmful_advbench"], benign_sets=["benign_freshqa", "benign_mtbench"],
+        per_class=300, heldout_per_class=100, max_chars=120, max_length=128,
+        benign_target="template",  # template | self (the base model's own greedy answers)
+        self_answer_tokens=64))
+    c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=list(LORA_TARGETS)))
+    c.casa = ml_collections.ConfigDict(CasaConfig().to_dict())
+    c.casa.threshold = ml_collections.FieldReference(None, field_type=float)
+    c.circuit_breaker = ml_collections.ConfigDict(dict(layers=[], alpha=5.0))
+    return c

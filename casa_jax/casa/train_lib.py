@@ -1,0 +1,89 @@
+"""A jitted training step for the objectives, with LoRA and safety-head parameters trainable.
+
+The base decoder and the encoders are frozen by construction (they are never differentiated); the
+optimizer is an ``optax.partition`` over the trainable groups, so LoRA and the safety head can get
+their own learning rates, and any group can be frozen with ``optax.set_to_zero``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Mapping
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from casa_jax.casa.objectives import LOSSES, ObjectiveSetup
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-3
+    safety_learning_rate: float | None = None  # None: same as learning_rate
+    warmup_steps: int = 10
+    total_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    frozen_groups: tuple[str, ...] = ()  # e.g. ("safety",) to train LoRA only
+
+
+def _schedule(peak: float, cfg: OptimConfig):
+    warmup = max(1, min(cfg.warmup_steps, cfg.total_steps - 1))
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(cfg.total_steps, warmup + 1), peak * 0.1)
+
+
+def make_optimizer(cfg: OptimConfig, trainable: Mapping[str, Any]) -> optax.GradientTransformation:
+    """AdamW per trainable group (``lora``, ``safety``), partitioned by the tree's top-level names."""
+    transforms = {}
+    for group in trainable:
+        if group in cfg.frozen_groups:
+            transforms[group] = optax.set_to_zero()
+        else:
+            peak = cfg.safety_learning_rate if group == "safety" and cfg.safety_learning_rate else cfg.learning_rate
+            transforms[group] = optax.adamw(_schedule(peak, cfg), weight_decay=cfg.weight_decay)
+    labels = {group: jax.tree.map(lambda _, g=group: g, tree) for group, tree in trainable.items()}
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip), optax.partition(transforms, labels))
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Any
+    opt_state: Any
+
+
+def init_state(trainable, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=optimizer.init(trainable))
+
+
+def make_train_step(objective: str, setup: ObjectiveSetup, optimizer: optax.GradientTransformation,
+                    total_steps: int):
+    """A jitted ``(state, frozen, batch, rng) -> (state, metrics)`` for one objective."""
+    loss_fn = functools.partial(LOSSES[objective], setup)
+
+    @jax.jit
+    def step(state: TrainState, frozen, batch, rng):
+        progress = state.step.astype(jnp.float32) / max(total_steps, 1)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.trainable, frozen, batch, jax.random.fold_in(rng, state.step), progress)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+    return step
+
+
+def make_eval_fn(objective: str, setup: ObjectiveSetup):
+    """A jitted ``(trainable, frozen, batch) -> metrics`` (no dropout, progress 1)."""
+    loss_fn = functools.partial(LOSSES[objective], setup)
+
+    @jax.jit
+    def evaluate(trainable, frozen, batch):
+        loss, metrics = loss_fn(trainable, frozen, batch, jax.random.key(0), 1.0)
+        return dict(metrics, loss=loss)
+
+    return evaluate

@@ -1,0 +1,157 @@
+"""Train a model with one objective (CASA, SSFT or Circuit Breakers) and save it: the library behind
+``python -m casa_jax.train``. Text-only, as in the paper; LoRA on the decoder, everything else frozen.
+
+Writes into ``workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON object per
+logged step, with ``step`` and ``loss``) and ``checkpoint/`` (loadable by ``casa_jax.casa.checkpoint``
+and by ``python -m casa_jax.generate``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from casa_jax.casa.checkpoint import TrainedModel, load_trained, save_trained
+from casa_jax.casa.config import CasaConfig
+from casa_jax.casa.data import self_answers, split_examples
+from casa_jax.casa.examples import build_batch, render_prompt
+from casa_jax.casa.lora import init_lora
+from casa_jax.casa.objectives import CircuitBreakerConfig, ObjectiveSetup, trainable_parts
+from casa_jax.casa.safety_attention import SafetyAttention
+from casa_jax.casa.safety_tokens import add_safety_tokens
+from casa_jax.casa.train_lib import OptimConfig, init_state, make_eval_fn, make_optimizer, make_train_step
+from casa_jax.model.config import ConfigError
+
+log = logging.getLogger(__name__)
+CHECKPOINT_DIR = "checkpoint"
+
+
+def _base(config):
+    """(spec, params, encoders, tokenizer, sidecar dir) of the model to fine-tune."""
+    if config.base == "tiny":
+        from casa_jax import tiny
+        from casa_jax.model.text_decoder import CausalLM, init_inputs
+        spec = tiny.tiny_spec()
+        params = nn.unbox(CausalLM(spec.text).init(jax.random.key(tiny.TINY_SEED), *init_inputs())["params"])
+        return spec, jax.tree.map(np.asarray, params), {}, tiny.build_tokenizer(spec.text.vocab_size), None
+    from casa_jax.checkpoints.orbax_io import sidecar_dir
+    from casa_jax.sampling.chat import load_tokenizer
+    base = load_trained(config.base)
+    if base.objective is not None:
+        raise ConfigError(f"--config.base={config.base} is already trained ({base.objective}); start from a "
+                          "converted checkpoint")
+    return base.spec, base.params, base.encoders, load_tokenizer(config.base), sidecar_dir(config.base)
+
+
+def _greedy_answers(spec, params, tokenizer, max_new_tokens: int):
+    from casa_jax.model.text_decoder import CausalLM
+    from casa_jax.sampling.sampler import Sampler
+
+    def answer(prompts):
+        sampler = Sampler(CausalLM(spec.text), eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id or 0)
+        ids = [render_prompt(tokenizer, p) for p in prompts]
+        out = []
+        for i in tqdm(range(0, len(ids), 16), desc="self answers", unit="batch"):
+            out += sampler.generate(params, ids[i:i + 16], max_new_tokens)
+        return [tokenizer.decode(t, skip_special_tokens=True) for t in out]
+    return answer
+
+
+def train(config, workdir: str, progress: bool = True) -> dict:
+    """Run training as ``config`` says; returns the final metrics (held-out ones prefixed ``eval_``)."""
+    objective = config.objective
+    parts = trainable_parts(objective)
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2))
+    casa_cfg = CasaConfig.from_dict(config.casa.to_dict())
+    spec, params, encoders, tokenizer, sidecar = _base(config)
+
+    ids = unsafe_query = None
+    if objective == "casa":
+        tokenizer, params, spec, ids, unsafe_query = add_safety_tokens(tokenizer, params, spec, casa_cfg)
+    lora = config.lora
+    text = spec.text.replace(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                             lora_targets=tuple(lora.targets))
+    spec = spec.__class__(text=text, model_type=spec.model_type, hf_config=spec.hf_config)
+
+    data = config.data
+    train_examples, heldout = split_examples(data.harmful_sets, data.benign_sets, data.per_class,
+                                             data.heldout_per_class, casa_cfg.refusal_template, data.max_chars,
+                                             config.seed)
+    if data.benign_target == "self":
+        answer = _greedy_answers(spec, params, tokenizer, data.self_answer_tokens)
+        train_examples, heldout = self_answers(train_examples, answer), self_answers(heldout, answer)
+    elif data.benign_target != "template":
+        raise ConfigError(f"--config.data.benign_target={data.benign_target!r}; expected 'template' or 'self'")
+
+    key = jax.random.key(config.seed)
+    trainable = {"lora": init_lora(text, jax.random.fold_in(key, 1))}
+    frozen = {"params": params}
+    if objective == "casa":
+        dummy = np.zeros((1, 2, text.hidden_size), np.float32)
+        trainable["safety"] = nn.unbox(SafetyAttention(casa_cfg).init(
+            jax.random.fold_in(key, 2), unsafe_query, dummy, np.ones((1, 2), bool))["params"])
+        frozen["unsafe_query"] = unsafe_query
+    assert set(trainable) == set(parts)
+    setup = ObjectiveSetup(text=text, casa=casa_cfg, ids=ids,
+                           circuit_breaker=CircuitBreakerConfig(tuple(config.circuit_breaker.layers),
+                                                                config.circuit_breaker.alpha))
+    steps = int(config.num_train_steps)
+    optim = OptimConfig(learning_rate=config.learning_rate, safety_learning_rate=config.safety_learning_rate,
+                        warmup_steps=config.warmup_steps, total_steps=steps, weight_decay=config.weight_decay,
+                        grad_clip=config.grad_clip)
+    optimizer = make_optimizer(optim, trainable)
+    state = init_state(trainable, optimizer)
+    step_fn = make_train_step(objective, setup, optimizer, steps)
+    eval_fn = make_eval_fn(objective, setup)
+    batch_ids = ids if objective == "casa" else None
+    heldout_batch = build_batch(tokenizer, heldout, data.max_length, batch_ids, casa_cfg.safety_prompt)
+
+    order = list(range(len(train_examples)))
+    shuffler = random.Random(config.seed)
+    cursor = len(order)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    final: dict = {}
+    start = time.time()
+    with open(metrics_path, "w") as metrics_file, tqdm(total=steps, desc=f"train {objective}", unit="step",
+                                                        disable=not progress) as bar:
+        for step in range(1, steps + 1):
+            if cursor + config.batch_size > len(order):
+                shuffler.shuffle(order)
+                cursor = 0
+            rows = [train_examples[i] for i in order[cursor:cursor + config.batch_size]]
+            cursor += config.batch_size
+            batch = build_batch(tokenizer, rows, data.max_length, batch_ids, casa_cfg.safety_prompt)
+            state, metrics = step_fn(state, frozen, batch, key)
+            loss = float(metrics["loss"])
+            if not np.isfinite(loss):
+                raise FloatingPointError(f"step {step}: loss is {loss}; lower --config.learning_rate")
+            bar.update()
+            record = None
+            if step % config.log_every_steps == 0 or step == steps:
+                record = {"step": step, **{k: float(v) for k, v in metrics.items()},
+                          "elapsed_s": round(time.time() - start, 2)}
+                bar.set_postfix(loss=f"{loss:.3f}")
+            if step % config.eval_every_steps == 0 or step == steps:
+                held = eval_fn(state.trainable, frozen, heldout_batch)
+                record = {**(record or {"step": step, "loss": loss}),
+                          **{f"eval_{k}": float(v) for k, v in held.items()}}
+            if record:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                final = record
+    model = TrainedModel(spec=spec, params=params, encoders=encoders, objective=objective,
+                         lora=jax.tree.map(np.asarray, state.trainable["lora"]), casa=casa_cfg if ids else None,
+                         ids=ids, safety=state.trainable.get("safety"), unsafe_query=unsafe_query)
+    save_trained(os.path.join(workdir, CHECKPOINT_DIR), model, tokenizer, sidecar_from=sidecar, overwrite=True)
+    log.info("saved %s", os.path.join(workdir, CHECKPOINT_DIR))
+    return final

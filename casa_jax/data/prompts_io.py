@@ -1,0 +1,34 @@
+"""The vendored prompt datasets (``casa_jax/data/prompts``; sources and licences in its PROVENANCE.md).
+
+They hold harmful *requests* (no responses), kept only to train refusals and to measure attacks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
+HARMFUL = ("harmful_advbench", "harmful_harmbench", "harmful_jbb")
+BENIGN = ("benign_jbb", "benign_mtbench", "benign_freshqa", "benign_writingbench_en", "benign_refusal_scorer")
+
+
+def read_jsonl(path: str) -> Iterator[dict]:
+    """Records of a JSON Lines file; a bad line is an error naming the file and line."""
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{number}: not valid JSON ({e})") from e
+
+
+def load_prompts(name: str) -> list[dict]:
+    """One vendored file by stem, e.g. ``load_prompts("harmful_advbench")``."""
+    path = os.path.join(PROMPTS_DIR, name + ".jsonl")
+    if not os.path.isfile(path):
+        known = sorted(n[:-6] for n in os.listdir(PROMPTS_DIR) if n.endswith(".jsonl"))
+        raise ValueError(f"no prompt set {name!r}; known: {known}")
+    return list(read_jsonl(path))

@@ -1,0 +1,35 @@
+"""Fine-tune with CASA, SSFT or Circuit Breakers (LoRA, text-only) and save a checkpoint.
+
+  python -m casa_jax.train --config=configs/casa_tiny.py:casa --workdir=workdir/casa_tiny
+  python -m casa_jax.train --config=configs/casa_tiny.py:ssft --workdir=... --config.num_train_steps=100
+
+Outputs in ``--workdir``: config.json, metrics.jsonl, checkpoint/ (for python -m casa_jax.generate).
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from casa_jax.cli import exit_on_bad_input, quiet_libraries
+
+config_flags.DEFINE_config_file("config", None, "Training config file (e.g. configs/casa_tiny.py:casa).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Output directory (config, metrics, checkpoint).", required=True)
+flags.mark_flags_as_required(["config"])
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+    del argv
+    quiet_libraries()
+    from casa_jax.casa.trainer import train
+    with exit_on_bad_input():
+        final = train(FLAGS.config, FLAGS.workdir)
+    shown = {k: round(v, 4) for k, v in final.items() if isinstance(v, float)}
+    print(f"done: {FLAGS.config.objective}, step {final.get('step')}: {shown}")
+    print(f"checkpoint: {FLAGS.workdir}/checkpoint")
+
+
+if __name__ == "__main__":
+    app.run(main)
