@@ -5,4 +5,8 @@ from casa_jax.casa.train_config import default_train_config
 
 
 def get_config(objective: str = "casa"):
-    return default_train_config(objective or "casa")
+    config = default_train_config(objective or "casa")
+    # The random tiny model's hidden states have norms ~0.2, so the paper's absolute L2 retain term is too
+    # weak to keep benign representations; the scale-free form balances it against the cosine term.
+    config.circuit_breaker.retain_norm = "relative"
+    return config

@@ -28,6 +28,7 @@ class TrainedModel:
     ids: SafetyTokenIds | None = None
     safety: Any = None
     unsafe_query: np.ndarray | None = None
+    meta_circuit_breaker: dict | None = None  # Circuit Breakers: {"layers": [...], "alpha": ...}
 
     @property
     def is_casa(self) -> bool:
@@ -44,6 +45,8 @@ def save_trained(ckpt_dir: str, model: TrainedModel, tokenizer, sidecar_from: st
     if model.lora is not None:
         extra["lora"] = model.lora
     meta: dict = {"objective": model.objective}
+    if model.meta_circuit_breaker:
+        meta["circuit_breaker"] = model.meta_circuit_breaker
     if model.is_casa:
         extra["safety"] = model.safety
         extra["unsafe_query"] = np.asarray(model.unsafe_query)
@@ -58,7 +61,7 @@ def load_trained(ckpt_dir: str, **policy) -> TrainedModel:
     loaded = restore_checkpoint(ckpt_dir, **policy)
     objective = loaded.meta.get("objective")
     model = TrainedModel(spec=loaded.spec, params=loaded.params, encoders=loaded.encoders, objective=objective,
-                         lora=loaded.extra.get("lora"))
+                         lora=loaded.extra.get("lora"), meta_circuit_breaker=loaded.meta.get("circuit_breaker"))
     if objective == "casa":
         casa = loaded.meta.get("casa")
         if not casa or "safety" not in loaded.extra:

@@ -36,6 +36,13 @@ OBJECTIVES = ("casa", "ssft", "circuit_breaker")
 class CircuitBreakerConfig:
     layers: tuple[int, ...] = ()  # hidden-state indices (0 = embeddings); () = the middle and last layers
     alpha: float = 5.0
+    # "absolute": ||h - h_frozen||_2 as in the paper; "relative": divided by ||h_frozen||, which keeps the
+    # retain term on the same scale as the cosine whatever the model's hidden-state norms are.
+    retain_norm: str = "absolute"
+
+    def __post_init__(self):
+        if self.retain_norm not in ("absolute", "relative"):
+            raise ValueError(f"circuit_breaker.retain_norm={self.retain_norm!r}; expected 'absolute' or 'relative'")
 
     def resolved_layers(self, num_layers: int) -> tuple[int, ...]:
         return tuple(self.layers) or (max(1, num_layers // 2), num_layers)
@@ -116,10 +123,12 @@ def circuit_breaker_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainB
     ours, ref = ours.astype(jnp.float32), jax.lax.stop_gradient(ref.astype(jnp.float32))  # [n, B, T, E]
     tokens = batch.attention_mask.astype(jnp.float32)[None]  # [1, B, T]
     harmful = batch.label.astype(jnp.float32)[None, :, None]
-    cos = jnp.sum(ours * ref, -1) / (jnp.linalg.norm(ours, axis=-1) * jnp.linalg.norm(ref, axis=-1) + 1e-6)
+    norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x), -1) + 1e-12)  # noqa: E731  (finite gradient at 0)
+    cos = jnp.sum(ours * ref, -1) / (norm(ours) * norm(ref))
     reroute_mask, retain_mask = tokens * harmful, tokens * (1 - harmful)
     reroute = jnp.sum(jax.nn.relu(cos) * reroute_mask) / jnp.maximum(jnp.sum(reroute_mask), 1.0)
-    retain = jnp.sum(jnp.linalg.norm(ours - ref, axis=-1) * retain_mask) / jnp.maximum(jnp.sum(retain_mask), 1.0)
+    distance = norm(ours - ref) / (norm(ref) if cb.retain_norm == "relative" else 1.0)
+    retain = jnp.sum(distance * retain_mask) / jnp.maximum(jnp.sum(retain_mask), 1.0)
     c_reroute = cb.alpha * (1 - progress / 2)
     c_retain = cb.alpha * progress / 2
     return c_reroute * reroute + c_retain * retain, {"reroute_cos": reroute, "retain_l2": retain}

@@ -33,5 +33,5 @@ def default_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=list(LORA_TARGETS)))
     c.casa = ml_collections.ConfigDict(CasaConfig().to_dict())
     c.casa.threshold = ml_collections.FieldReference(None, field_type=float)
-    c.circuit_breaker = ml_collections.ConfigDict(dict(layers=[], alpha=5.0))
+    c.circuit_breaker = ml_collections.ConfigDict(dict(layers=[], alpha=5.0, retain_norm="absolute"))
     return c

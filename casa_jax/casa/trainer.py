@@ -104,7 +104,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     assert set(trainable) == set(parts)
     setup = ObjectiveSetup(text=text, casa=casa_cfg, ids=ids,
                            circuit_breaker=CircuitBreakerConfig(tuple(config.circuit_breaker.layers),
-                                                                config.circuit_breaker.alpha))
+                                                                config.circuit_breaker.alpha,
+                                                                config.circuit_breaker.retain_norm))
     steps = int(config.num_train_steps)
     optim = OptimConfig(learning_rate=config.learning_rate, safety_learning_rate=config.safety_learning_rate,
                         warmup_steps=config.warmup_steps, total_steps=steps, weight_decay=config.weight_decay,
@@ -151,7 +152,10 @@ def train(config, workdir: str, progress: bool = True) -> dict:
                 final = record
     model = TrainedModel(spec=spec, params=params, encoders=encoders, objective=objective,
                          lora=jax.tree.map(np.asarray, state.trainable["lora"]), casa=casa_cfg if ids else None,
-                         ids=ids, safety=state.trainable.get("safety"), unsafe_query=unsafe_query)
+                         ids=ids, safety=state.trainable.get("safety"), unsafe_query=unsafe_query,
+                         meta_circuit_breaker={"layers": list(setup.circuit_breaker.resolved_layers(text.num_hidden_layers)),
+                                               "alpha": setup.circuit_breaker.alpha,
+                                               "retain_norm": setup.circuit_breaker.retain_norm} if objective == "circuit_breaker" else None)
     save_trained(os.path.join(workdir, CHECKPOINT_DIR), model, tokenizer, sidecar_from=sidecar, overwrite=True)
     log.info("saved %s", os.path.join(workdir, CHECKPOINT_DIR))
     return final

@@ -1,6 +1,26 @@
-"""Chat-formatted generation from a casa-jax checkpoint (tokenizer from the checkpoint's hf_sidecar/)."""
+"""Chat-formatted generation from a checkpoint: plain, LoRA-adapted, or CASA with its safety verdict.
+
+Text prompts, optionally with an image / audio clip (Qwen2.5-Omni thinkers) and an attacker-controlled
+assistant prefill (placed after the safety token for CASA models).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+
+@dataclasses.dataclass(frozen=True)
+class Reply:
+    prompt: str
+    text: str  # what the user sees (safety token stripped; prefill included)
+    # CASA: "safe" / "unsafe"; Circuit Breakers: "rerouted" / "intact" (prompt representations vs the frozen
+    # model's); others: "refused" / "answered" (keyword refusal detector on the text)
+    verdict: str
+    v_s: float | None = None
+    p_safe: float | None = None
+    p_unsafe: float | None = None
+    cosine: float | None = None  # Circuit Breakers: mean cosine(adapted, frozen) over the prompt tokens
 
 
 def load_tokenizer(ckpt_dir: str):
@@ -15,23 +35,133 @@ def load_tokenizer(ckpt_dir: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
-def chat_replies(ckpt_dir: str, prompts, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, seed: int = 0) -> list[str]:
-    """Apply the chat template to each user prompt, decode, and return the reply texts."""
-    import jax
+def _eos_ids(tokenizer) -> tuple[int, ...]:
+    vocab = tokenizer.get_vocab()
+    return tuple(sorted({tokenizer.eos_token_id, *(vocab[t] for t in ("<|endoftext|>", "<|im_end|>") if t in vocab)}))
 
-    from casa_jax.checkpoints.orbax_io import restore_checkpoint
-    from casa_jax.model.text_decoder import CausalLM
-    from casa_jax.sampling.sampler import Sampler
+
+def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int = 0,
+                 threshold: float | None = None, refusal_mode: str | None = None,
+                 images: Sequence | None = None, audios: Sequence | None = None,
+                 prefills: Sequence[str] | None = None, safety_prompt: bool = False) -> list[Reply]:
+    """One ``Reply`` per prompt. ``images`` / ``audios``: one per prompt (or None entries) for thinkers."""
+    import dataclasses as dc
+
+    import jax
+    import numpy as np
+
+    from casa_jax.casa.checkpoint import load_trained
+    from casa_jax.casa.examples import render_prompt
+    from casa_jax.casa.refusal import is_refusal
+    from casa_jax.casa.safety_tokens import strip_safety_tokens
     from casa_jax.sampling.strategies import from_temperature
 
-    loaded = restore_checkpoint(ckpt_dir)  # first: says plainly when ckpt_dir is no checkpoint
+    model = load_trained(ckpt_dir)  # first: says plainly when ckpt_dir is no checkpoint
     tokenizer = load_tokenizer(ckpt_dir)
-    ids = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                         tokenize=True, return_dict=False) for p in prompts]
-    eos = tuple(sorted({tokenizer.eos_token_id, *(
-        [tokenizer.convert_tokens_to_ids("<|endoftext|>")] if "<|endoftext|>" in tokenizer.get_vocab() else [])}))
-    sampler = Sampler(CausalLM(loaded.spec.text), eos_ids=eos, pad_id=tokenizer.pad_token_id or 0,
-                      strategy=from_temperature(temperature, top_k))
-    out = sampler.generate(loaded.params, ids, max_new_tokens, jax.random.key(seed))
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in out]
+    strategy = from_temperature(temperature, top_k, top_p)
+    pad = tokenizer.pad_token_id or 0
+    eos = _eos_ids(tokenizer)
+    prefill_texts = list(prefills) if prefills else [""] * len(prompts)
+    prefill_ids = [tokenizer.encode(p, add_special_tokens=False) if p else [] for p in prefill_texts]
+    has_media = any(x is not None for x in list(images or []) + list(audios or []))
+    rng = jax.random.key(seed)
+
+    arrays = thinker = None
+    if has_media:
+        from casa_jax.model.thinker import Thinker
+        from casa_jax.processing import OmniProcessor
+        from casa_jax.checkpoints.orbax_io import sidecar_dir
+        if not model.spec.is_thinker:
+            from casa_jax.model.config import ConfigError
+            raise ConfigError(f"{ckpt_dir}: images/audio need a Qwen2.5-Omni thinker checkpoint; this one is "
+                              f"{model.spec.model_type!r}")
+        thinker = Thinker.from_spec(model.spec)
+        processor = OmniProcessor.from_pretrained(sidecar_dir(ckpt_dir), thinker.vision, tokenizer=tokenizer)
+        conversations = []
+        for i, prompt in enumerate(prompts):
+            content = []
+            if images and images[i] is not None:
+                content.append({"type": "image", "image": images[i]})
+            if audios and audios[i] is not None:
+                content.append({"type": "audio", "audio": audios[i]})
+            content.append({"type": "text", "text": _with_safety_prompt(prompt, safety_prompt)})
+            conversations.append([{"role": "user", "content": content}])
+        arrays = processor.from_messages(conversations, resample_audio=True)
+    ids = [render_prompt(tokenizer, p, safety_prompt) for p in prompts]
+
+    if model.is_casa:
+        from casa_jax.sampling.conditional import ConditionalSampler
+        casa = dc.replace(model.casa, **({"threshold": threshold} if threshold is not None else {}),
+                          **({"refusal_mode": refusal_mode} if refusal_mode else {}))
+        sampler = ConditionalSampler(model.spec.text, casa, model.ids, eos, pad, strategy, thinker=thinker)
+        weights = model.weights()
+        if has_media:
+            outs = sampler.generate_multimodal(weights, arrays, max_new_tokens, prefill_ids, rng)
+        else:
+            outs = sampler.generate(weights, ids, max_new_tokens, prefill_ids, rng)
+        replies = []
+        for prompt, prefix, out in zip(prompts, prefill_texts, outs):
+            if out.unsafe and casa.refusal_mode == "template":
+                text = casa.refusal_template
+            else:
+                text = prefix + strip_safety_tokens(tokenizer.decode(out.tokens, skip_special_tokens=True), casa)
+            replies.append(Reply(prompt, text, out.verdict, out.v_s, out.p_safe, out.p_unsafe))
+        return replies
+
+    from casa_jax.model.text_decoder import CausalLM
+    from casa_jax.sampling.sampler import Sampler
+    sampler = Sampler(CausalLM(model.spec.text), eos_ids=eos, pad_id=pad, strategy=strategy)
+    variables = {"params": model.params, **({"lora": model.lora} if model.lora is not None else {})}
+    if has_media:
+        if model.lora is not None:
+            raise NotImplementedError("images/audio with a LoRA-trained (SSFT / Circuit Breakers) model: merge "
+                                      "the adapters first")
+        arrays = dict(arrays)
+        outs = sampler.generate_multimodal(thinker, model.params, model.encoders, arrays, max_new_tokens, rng)
+    else:
+        full = [i + p for i, p in zip(ids, prefill_ids)]
+        outs = sampler.generate(variables, full, max_new_tokens, rng)
+    cosines = [None] * len(prompts)
+    if model.objective == "circuit_breaker" and not has_media:
+        cosines = prompt_cosines(model, ids)
+    replies = []
+    for prompt, prefix, out, cos in zip(prompts, prefill_texts, outs, cosines):
+        text = prefix + tokenizer.decode(out, skip_special_tokens=True)
+        if cos is not None:
+            verdict = "rerouted" if cos < CB_REROUTED_BELOW else "intact"
+        else:
+            verdict = "refused" if is_refusal(text) else "answered"
+        replies.append(Reply(prompt, text, verdict, cosine=cos))
+    return replies
+
+
+CB_REROUTED_BELOW = 0.5  # mean cosine under which a Circuit-Breaker model counts as having rerouted
+
+
+def prompt_cosines(model, prompt_ids) -> list[float]:
+    """Mean cosine similarity, over each prompt's tokens and the Circuit-Breaker layers, between the
+    adapted model's hidden states and the frozen (LoRA-free) model's."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from casa_jax.casa.objectives import CircuitBreakerConfig
+    from casa_jax.model.rope import positions_from_mask
+    from casa_jax.model.text_decoder import CausalLM
+    from casa_jax.sampling.sampler import bucket_length, left_pad
+
+    cb = CircuitBreakerConfig(**model.meta_circuit_breaker) if model.meta_circuit_breaker else CircuitBreakerConfig()
+    layers = cb.resolved_layers(model.spec.text.num_hidden_layers)
+    ids, mask = left_pad(prompt_ids, bucket_length(max(map(len, prompt_ids))))
+    decoder = CausalLM(model.spec.text)
+    run = lambda v: decoder.apply(v, ids, positions_from_mask(mask), mask, hidden_layers=layers,  # noqa: E731
+                                  return_logits=False).hidden_states
+    ours, ref = run({"params": model.params, "lora": model.lora}), run({"params": model.params})
+    cos = jnp.sum(ours * ref, -1) / (jnp.linalg.norm(ours, axis=-1) * jnp.linalg.norm(ref, axis=-1) + 1e-6)
+    cos = np.asarray(cos.mean(0))  # [B, T]
+    return [float(cos[b][mask[b] == 1].mean()) for b in range(len(prompt_ids))]
+
+
+def _with_safety_prompt(prompt: str, on: bool) -> str:
+    from casa_jax.casa.config import SAFETY_PROMPT
+    return f"{SAFETY_PROMPT} {prompt}" if on else prompt

@@ -40,6 +40,11 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> 
     return ids, mask
 
 
+def _variables(params) -> dict:
+    """Accept a params tree or a full variables dict (``{"params": ..., "lora": ...}``)."""
+    return params if "params" in params else {"params": params}
+
+
 @flax.struct.dataclass
 class DecodeState:
     cache: KVCache
@@ -53,7 +58,9 @@ class DecodeState:
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-    """Greedy or stochastic decoding for a ``CausalLM``; ``generate`` works on token-id lists."""
+    """Greedy or stochastic decoding for a ``CausalLM``; ``generate`` works on token-id lists.
+
+    ``params`` may also be a variables dict with a ``"lora"`` collection (adapters applied)."""
 
     model: CausalLM
     eos_ids: tuple[int, ...]
@@ -68,7 +75,7 @@ class Sampler:
         batch, length = ids.shape
         cache = KVCache.for_config(self.model.config, batch, length + max_new_tokens)
         positions = positions_from_mask(mask)
-        out = self.model.apply({"params": params}, ids, positions, mask, cache=cache)
+        out = self.model.apply(_variables(params), ids, positions, mask, cache=cache)
         return self._decode(params, out, positions[:, -1] + 1, rng, max_new_tokens)
 
     def _run_thinker(self, thinker, params, encoders, inputs, rng, max_new_tokens: int):
@@ -97,7 +104,7 @@ class Sampler:
             token = jnp.where(s.done, self.pad_id, token)
             tokens = s.tokens.at[:, s.step].set(token)
             done = s.done | jnp.isin(token, eos)
-            step_out = self.model.apply({"params": params}, token[:, None], s.positions[:, None],
+            step_out = self.model.apply(_variables(params), token[:, None], s.positions[:, None],
                                         jnp.ones((batch, 1), jnp.int32), cache=s.cache)
             return DecodeState(cache=step_out.cache, logits=step_out.logits[:, -1], positions=s.positions + 1,
                                tokens=tokens, done=done, step=s.step + 1, rng=rng)
