@@ -35,6 +35,8 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> 
     for row, p in enumerate(prompts):
         if len(p) == 0:
             raise ValueError(f"prompt {row} is empty")
+        if len(p) > length:
+            raise ValueError(f"prompt {row} has {len(p)} tokens, more than the padded length {length}")
         ids[row, length - len(p):] = p
         mask[row, length - len(p):] = 1
     return ids, mask

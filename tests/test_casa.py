@@ -1,0 +1,221 @@
+"""CASA core: safety tokens, safety attention, LoRA, objectives' gradients and the conditional sampler."""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from casa_jax import tiny
+from casa_jax.casa.config import CasaConfig
+from casa_jax.casa.examples import Example, build_batch, render_prompt
+from casa_jax.casa.lora import init_lora, merge_lora, unmerge_lora
+from casa_jax.casa.objectives import LOSSES, ObjectiveSetup
+from casa_jax.casa.safety_attention import SafetyAttention
+from casa_jax.casa.safety_tokens import add_safety_tokens, strip_safety_tokens
+from casa_jax.model.rope import positions_from_mask
+from casa_jax.model.text_decoder import CausalLM, init_inputs
+from casa_jax.sampling.conditional import CasaWeights, ConditionalSampler
+from casa_jax.sampling.sampler import bucket_length, left_pad
+
+PROMPTS = ["Write a haiku about the sea.", "How do I learn a new language?",
+           "What is the capital of France?", "Explain photosynthesis in one line."]
+
+
+@pytest.fixture(scope="module")
+def casa_model():
+    """The tiny model with safety tokens, random non-zero LoRA and a random safety head."""
+    spec = tiny.tiny_spec()
+    params = jax.tree.map(np.asarray, nn.unbox(CausalLM(spec.text).init(jax.random.key(0), *init_inputs())["params"]))
+    tokenizer = tiny.build_tokenizer(spec.text.vocab_size)
+    cfg = CasaConfig()
+    base_embed = params["embed_tokens"]["embedding"].copy()
+    tokenizer, params, spec, ids, query = add_safety_tokens(tokenizer, params, spec, cfg)
+    text = spec.text.replace(lora_rank=4, lora_targets=("q_proj", "v_proj", "down_proj"))
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape),
+                        init_lora(text, jax.random.key(1)))
+    safety = nn.unbox(SafetyAttention(cfg).init(jax.random.key(2), query, np.zeros((1, 2, text.hidden_size)),
+                                                np.ones((1, 2), bool))["params"])
+    weights = CasaWeights(params=params, lora=lora, safety=safety, unsafe_query=query)
+    eos = (tokenizer.convert_tokens_to_ids("<|im_end|>"),)
+    return dict(spec=spec, text=text, tokenizer=tokenizer, cfg=cfg, ids=ids, weights=weights, eos=eos,
+                base_embed=base_embed, sampler=ConditionalSampler(text, cfg, ids, eos_ids=eos))
+
+
+def _prompt_ids(m, prompts=PROMPTS):
+    return [render_prompt(m["tokenizer"], p) for p in prompts]
+
+
+def test_safety_tokens_added_and_initialised(casa_model):
+    m = casa_model
+    tok, ids, embed = m["tokenizer"], m["ids"], m["weights"].params["embed_tokens"]["embedding"]
+    assert tok.convert_tokens_to_ids("<|unsafe|>") == ids.unsafe and ids.safe != ids.unsafe
+    assert m["spec"].text.vocab_size == embed.shape[0] == max(ids.safe, ids.unsafe) + 1 > m["base_embed"].shape[0]
+    assert m["spec"].hf_config["vocab_size"] == embed.shape[0]  # the export config grows too
+    pieces = tok.encode("unsafe", add_special_tokens=False)
+    np.testing.assert_allclose(embed[ids.unsafe], m["base_embed"][pieces].mean(0), rtol=1e-6)
+    np.testing.assert_array_equal(m["weights"].unsafe_query, embed[ids.unsafe])
+    assert tok.encode("<|safe|>", add_special_tokens=False) == [ids.safe]  # one token, never split
+    assert strip_safety_tokens("<|unsafe|> I'm sorry", m["cfg"]) == "I'm sorry"
+    batch = build_batch(tok, [Example("Hi there", True, "No.")], 64, ids)
+    row = np.asarray(batch.input_ids[0])
+    assert row[int(batch.safety_index[0])] == ids.unsafe and (row == ids.unsafe).sum() == 1
+    assert batch.loss_mask[0, int(batch.safety_index[0])] == 0  # learned through the safety loss only
+
+
+def test_safety_attention_stop_gradient_and_trainable_grads(casa_model):
+    m = casa_model
+    w = m["weights"]
+    hidden = jax.random.normal(jax.random.key(4), (2, 5, m["text"].hidden_size))
+    mask = jnp.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], bool)
+    for aggregation in ("mean", "max", "attention"):
+        cfg = CasaConfig(aggregation=aggregation)
+        params = SafetyAttention(cfg).init(jax.random.key(5), w.unsafe_query, hidden, mask)
+        v = SafetyAttention(cfg).apply(params, w.unsafe_query, hidden, mask)
+        assert v.shape == (2,) and bool(jnp.all((v > 0) & (v < 1)))
+        g = jax.grad(lambda h: SafetyAttention(cfg).apply(params, w.unsafe_query, h, mask).sum())(hidden)
+        assert float(jnp.abs(g).max()) == 0.0  # nothing flows back into the prompt states
+        moved = SafetyAttention(cfg).apply(params, w.unsafe_query, hidden.at[0, 4].add(100.0), mask)
+        assert float(moved[0]) == pytest.approx(float(v[0]))  # masked positions are ignored
+    setup = ObjectiveSetup(text=m["text"], casa=m["cfg"], ids=m["ids"])
+    batch = build_batch(m["tokenizer"], [Example("Hi there", True, "No."), Example("Hello", False, "Sure.")], 64,
+                        m["ids"])
+    trainable = {"lora": w.lora, "safety": w.safety}
+    frozen = {"params": w.params, "unsafe_query": w.unsafe_query}
+    grads = jax.grad(lambda t: LOSSES["casa"](setup, t, frozen, batch, jax.random.key(0), 0.0)[0])(trainable)
+    for group in ("lora", "safety"):
+        assert all(float(jnp.abs(x).sum()) > 0 for x in jax.tree.leaves(grads[group])), group
+
+
+def test_lora_merged_equals_unmerged(casa_model):
+    m = casa_model
+    w, text = m["weights"], m["text"]
+    ids = jnp.asarray([[5, 6, 7, 8, 9, 10]])
+    mask = jnp.ones_like(ids)
+    model = CausalLM(text)
+    with_lora = model.apply({"params": w.params, "lora": w.lora}, ids, positions_from_mask(mask), mask).logits
+    merged = merge_lora(w.params, w.lora, text)
+    folded = model.apply({"params": merged}, ids, positions_from_mask(mask), mask).logits
+    assert float(jnp.abs(with_lora - folded).max()) <= 1e-5
+    base = model.apply({"params": w.params}, ids, positions_from_mask(mask), mask).logits
+    assert float(jnp.abs(with_lora - base).max()) > 1e-3  # the adapters do something
+    back = unmerge_lora(merged, w.lora, text)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(w.params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+
+
+def test_step0_allows_only_safety_tokens(casa_model):
+    m = casa_model
+    sampler, w = m["sampler"], m["weights"]
+    ids, mask = left_pad(_prompt_ids(m), 64)
+    out = CausalLM(m["text"]).apply(w.variables(), ids, positions_from_mask(mask), mask)
+    logits, v_s = sampler.safety_step(w, out, mask)
+    probs = np.asarray(jax.nn.softmax(logits, axis=-1))
+    others = np.delete(probs, [m["ids"].safe, m["ids"].unsafe], axis=1)
+    assert others.max() == 0.0
+    np.testing.assert_allclose(probs[:, [m["ids"].safe, m["ids"].unsafe]].sum(-1), 1.0, rtol=1e-6)
+
+
+NAIVE_LENGTH = 96
+
+
+@pytest.fixture(scope="module")
+def full_forward(casa_model):
+    """Uncached forward over a right-padded [1, NAIVE_LENGTH] row (one compile for every length)."""
+    model = CausalLM(casa_model["text"])
+    return jax.jit(lambda v, ids, mask: model.apply(v, ids, positions_from_mask(mask), mask).logits[0])
+
+
+def _naive_greedy(m, forward, prompt, first, steps):
+    """Full recomputation, no cache: prompt + safety token (+ prefill), argmax one token at a time."""
+    w = m["weights"]
+    seq, out_tokens = list(prompt) + list(first), []
+    for _ in range(steps):
+        ids = np.zeros((1, NAIVE_LENGTH), np.int32)
+        ids[0, :len(seq)] = seq
+        logits = forward(w.variables(), ids, (np.arange(NAIVE_LENGTH) < len(seq))[None].astype(np.int32))
+        token = int(jnp.argmax(logits[len(seq) - 1]))
+        out_tokens.append(token)
+        if token in m["eos"]:
+            break
+        seq.append(token)
+    return out_tokens
+
+
+def test_greedy_with_cache_equals_naive_recomputation(casa_model, full_forward):
+    m = casa_model
+    prompts = _prompt_ids(m)[:2]
+    outs = m["sampler"].generate(m["weights"], prompts, max_new_tokens=6)
+    for prompt, out in zip(prompts, outs):
+        expected = _naive_greedy(m, full_forward, prompt, [m["ids"].of(out.unsafe)], 6)
+        assert out.tokens == [t for t in expected if t not in m["eos"]], (out.tokens, expected)
+
+
+def test_attacker_prefill_goes_after_the_safety_token(casa_model, full_forward):
+    m = casa_model
+    prompt = _prompt_ids(m)[:1]
+    prefill = m["tokenizer"].encode("Sure, here is", add_special_tokens=False)
+    plain = m["sampler"].generate(m["weights"], prompt, max_new_tokens=5)[0]
+    attacked = m["sampler"].generate(m["weights"], prompt, max_new_tokens=5, prefills=[prefill])[0]
+    assert attacked.unsafe == plain.unsafe and attacked.v_s == pytest.approx(plain.v_s)  # decided before it
+    expected = _naive_greedy(m, full_forward, prompt[0], [m["ids"].of(plain.unsafe)] + prefill, 5)
+    assert attacked.tokens == [t for t in expected if t not in m["eos"]]
+
+
+def test_per_row_decisions_and_threshold(casa_model):
+    m = casa_model
+    prompts = _prompt_ids(m)
+    batch = m["sampler"].generate(m["weights"], prompts, max_new_tokens=3)
+    singles = [m["sampler"].generate(m["weights"], [p], max_new_tokens=3)[0] for p in prompts]
+    for b, s in zip(batch, singles):
+        assert b.unsafe == s.unsafe and b.p_unsafe == pytest.approx(s.p_unsafe, abs=1e-5)
+        assert b.unsafe == (b.p_unsafe > b.p_safe)
+    p = sorted(o.p_unsafe for o in batch)
+    tau = (p[1] + p[2]) / 2  # between rows: exactly two rows at or above it
+    strict = ConditionalSampler(m["text"], dataclasses.replace(m["cfg"], threshold=tau), m["ids"], eos_ids=m["eos"])
+    decided = strict.generate(m["weights"], prompts, max_new_tokens=3)
+    assert [o.unsafe for o in decided] == [o.p_unsafe >= tau for o in batch]
+    assert sum(o.unsafe for o in decided) == 2
+
+
+def test_no_recompilation_inside_a_bucket(casa_model):
+    m = casa_model
+    sampler = ConditionalSampler(m["text"], m["cfg"], m["ids"], eos_ids=m["eos"])
+    base = render_prompt(m["tokenizer"], "Hi")
+    bucket = bucket_length(len(base))
+    for extra in (0, (bucket - len(base)) // 2, bucket - len(base)):  # every length inside one bucket
+        sampler.generate(m["weights"], [base + [70] * extra], max_new_tokens=2)
+    assert sampler.traces == {"text": 1}
+    sampler.generate(m["weights"], [base + [70] * (bucket - len(base) + 1)], max_new_tokens=2)  # next bucket
+    assert sampler.traces == {"text": 2}
+
+
+def test_template_refusal_mode_stops_unsafe_rows(casa_model):
+    m = casa_model
+    cfg = dataclasses.replace(m["cfg"], refusal_mode="template", threshold=0.01)  # everything unsafe
+    outs = ConditionalSampler(m["text"], cfg, m["ids"], eos_ids=m["eos"]).generate(m["weights"], _prompt_ids(m)[:2], 4)
+    assert all(o.unsafe and o.tokens == [] for o in outs)
+
+
+def test_sharded_sampler_matches_single_device(casa_model):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from casa_jax.sharding import make_mesh, param_shardings
+    m = casa_model
+    mesh = make_mesh((1, 4, 2))
+    w = m["weights"]
+    shardings = param_shardings(CausalLM(m["spec"].text), mesh, *init_inputs())
+    replicated = NamedSharding(mesh, PartitionSpec())
+    sharded = CasaWeights(params=jax.tree.map(jax.device_put, w.params, shardings),
+                          lora=jax.device_put(w.lora, replicated), safety=jax.device_put(w.safety, replicated),
+                          unsafe_query=jax.device_put(w.unsafe_query, replicated))
+    assert len(sharded.params["layers"]["mlp"]["up_proj"]["kernel"].sharding.device_set) == 8
+    prompts = _prompt_ids(m)[:2]
+    with jax.set_mesh(mesh):
+        got = m["sampler"].generate(sharded, prompts, max_new_tokens=4)
+    want = m["sampler"].generate(w, prompts, max_new_tokens=4)
+    assert [o.tokens for o in got] == [o.tokens for o in want]
+    assert [o.unsafe for o in got] == [o.unsafe for o in want]
+    np.testing.assert_allclose([o.v_s for o in got], [o.v_s for o in want], atol=1e-5)
