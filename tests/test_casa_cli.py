@@ -67,3 +67,37 @@ def test_generate_cli_errors(tmp_path):
     bad.write_text('{"prompt": "hi"}\n{"text": "no prompt key"}\n')
     r = _run("casa_jax.generate", f"--ckpt_dir={tmp_path}", f"--prompts_file={bad}")
     assert r.returncode == 2 and "prompts.jsonl:2: each line needs a string 'prompt'" in r.stderr
+
+
+def test_export_keeps_safety_tokens_and_merges_lora(tmp_path):
+    """A trained checkpoint exports to Hugging Face with the resized vocab, the safety tokens in the
+    tokenizer and LoRA merged: transformers' logits equal ours with the adapters applied."""
+    import jax
+    import numpy as np
+    import torch
+    import transformers
+
+    from casa_jax.casa.checkpoint import load_trained
+    from casa_jax.model.rope import positions_from_mask
+    from casa_jax.model.text_decoder import CausalLM
+
+    workdir = tmp_path / "casa"
+    r = _run("casa_jax.train", f"--config={CONFIG}:casa", f"--workdir={workdir}", "--config.num_train_steps=20",
+             "--config.eval_every_steps=20")
+    assert r.returncode == 0, r.stderr[-3000:]
+    export = tmp_path / "hf"
+    r = _run("casa_jax.convert", f"--ckpt_dir={workdir / 'checkpoint'}", f"--export_hf_dir={export}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    tok = transformers.AutoTokenizer.from_pretrained(export)
+    assert tok.convert_tokens_to_ids("<|unsafe|>") == 513 and tok.convert_tokens_to_ids("<|safe|>") == 512
+    hf = transformers.AutoModelForCausalLM.from_pretrained(export).eval()
+    assert hf.config.vocab_size == 514
+    model = load_trained(str(workdir / "checkpoint"))
+    ids = np.asarray([tok.encode("Hello there, how are you?") + [513]])
+    mask = np.ones_like(ids)
+    ours = CausalLM(model.spec.text).apply({"params": model.params, "lora": model.lora}, ids,
+                                           positions_from_mask(mask), mask).logits
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
+    assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
+    del jax

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from casa_jax.checkpoints.hf import load_hf_checkpoint, write_hf_checkpoint
 from casa_jax.checkpoints.orbax_io import restore_checkpoint, save_checkpoint, sidecar_dir
 
@@ -12,8 +14,25 @@ def hf_to_ckpt(hf_dir: str, out_dir: str, param_dtype: str | None = None, overwr
     save_checkpoint(out_dir, loaded, sidecar_from=hf_dir, overwrite=overwrite)
 
 
+log = logging.getLogger(__name__)
+
+
 def ckpt_to_hf(ckpt_dir: str, export_hf_dir: str, max_shard_bytes: int, overwrite: bool = False) -> None:
-    """casa-jax checkpoint -> Hugging Face directory that transformers loads."""
+    """casa-jax checkpoint -> Hugging Face directory that transformers loads.
+
+    A trained checkpoint's LoRA adapters are merged into the exported kernels; its safety tokens stay
+    in the (resized) vocabulary and tokenizer. The safety head has no transformers counterpart and stays
+    in the casa-jax checkpoint only.
+    """
     loaded = restore_checkpoint(ckpt_dir)
-    write_hf_checkpoint(export_hf_dir, loaded.params, loaded.spec, loaded.encoders,
+    params = loaded.params
+    if "lora" in loaded.extra:
+        from casa_jax.casa.lora import merge_lora
+        params = merge_lora(params, loaded.extra["lora"], loaded.spec.text)
+        log.info("%s: merged the LoRA adapters (rank %d) into the exported weights", ckpt_dir,
+                 loaded.spec.text.lora_rank)
+    if "safety" in loaded.extra:
+        log.warning("%s: the CASA safety head (v_s) is not part of a Hugging Face export; transformers will "
+                    "predict the safety token from the LM head alone", ckpt_dir)
+    write_hf_checkpoint(export_hf_dir, params, loaded.spec, loaded.encoders,
                         sidecar_dir=sidecar_dir(ckpt_dir), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
