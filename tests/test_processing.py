@@ -183,3 +183,40 @@ def test_audio_in_video_matches_transformers(token_thinker, tokenizer, processor
     assert _logits_diff(token_thinker, arrays, use_audio_in_video=True) <= 1e-4
     with pytest.raises(InputError, match="one audio clip per video"):
         proc("<|VIDEO|>", videos=[frames], use_audio_in_video=True)
+
+
+def test_casa_sampler_on_image_and_audio_prompts(token_thinker, tokenizer, processor):
+    """The conditional sampler prefills a multimodal prompt through the thinker: its v_s and safety
+    probabilities equal a direct thinker forward + safety head, and decoding continues per row."""
+    import copy
+
+    import flax.linen as nn
+
+    from casa_jax.casa.config import CasaConfig
+    from casa_jax.casa.lora import init_lora
+    from casa_jax.casa.safety_attention import SafetyAttention, safety_pair_logits
+    from casa_jax.casa.safety_tokens import add_safety_tokens
+    from casa_jax.sampling.conditional import CasaWeights, ConditionalSampler
+
+    thinker, loaded, _ = token_thinker
+    tok = copy.deepcopy(tokenizer)
+    cfg = CasaConfig()
+    params = jax.tree.map(np.asarray, loaded.params)
+    tok, params, spec, ids, query = add_safety_tokens(tok, params, loaded.spec, cfg)
+    text = spec.text.replace(lora_rank=2, lora_targets=("q_proj", "v_proj"))
+    lora = jax.tree.map(lambda x: x + 0.05, init_lora(text, jax.random.key(0)))
+    safety = nn.unbox(SafetyAttention(cfg).init(jax.random.key(1), query, np.zeros((1, 2, text.hidden_size)),
+                                                np.ones((1, 2), bool))["params"])
+    weights = CasaWeights(params=params, lora=lora, safety=safety, unsafe_query=query, encoders=loaded.encoders)
+    mm = Thinker(text, thinker.vision, thinker.audio, thinker.tokens)
+    proc = OmniProcessor(tok, processor.vision, **SMALL)
+    arrays = proc.from_messages(_conversations(np.random.default_rng(7)))
+    sampler = ConditionalSampler(text, cfg, ids, eos_ids=(tok.convert_tokens_to_ids("<|im_end|>"),), thinker=mm)
+    outs = sampler.generate_multimodal(weights, arrays, max_new_tokens=4)
+    inputs = mm.prepare(**arrays)
+    out = mm(params, loaded.encoders, inputs, lora=lora)
+    v_s = SafetyAttention(cfg).apply({"params": safety}, query, out.final_hidden, inputs.attention_mask.astype(bool))
+    pair = jax.nn.softmax(safety_pair_logits(out.logits[:, -1], v_s, ids.safe, ids.unsafe, cfg.scaling), -1)
+    np.testing.assert_allclose([o.v_s for o in outs], np.asarray(v_s), atol=1e-5)
+    np.testing.assert_allclose([o.p_unsafe for o in outs], np.asarray(pair[:, 1]), atol=1e-5)
+    assert all(len(o.tokens) <= 4 for o in outs) and sampler.traces == {"media": 1}
