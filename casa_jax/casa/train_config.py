@@ -1,6 +1,8 @@
 """Default training settings (an ml_collections ConfigDict) shared by ``configs/*`` files.
 
 Key names follow flax's examples (``num_train_steps``, ``log_every_steps``, ``eval_every_steps``).
+Sequences are tuples so they can be overridden on the command line:
+``--config.data.benign_sets="('benign_freshqa', 'benign_jbb')"``.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ def default_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
     c.weight_decay = 0.0
     c.grad_clip = 1.0
     c.data = ml_collections.ConfigDict(dict(
-        harmful_sets=["harmful_advbench"], benign_sets=["benign_freshqa", "benign_mtbench"],
+        harmful_sets=("harmful_advbench",), benign_sets=("benign_freshqa", "benign_mtbench"),
         per_class=300, heldout_per_class=100, max_chars=120, max_length=128,
         benign_target="template",  # template | self (the base model's own greedy answers)
         self_answer_tokens=64))
-    c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=list(LORA_TARGETS)))
+    c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=tuple(LORA_TARGETS)))
     c.casa = ml_collections.ConfigDict(CasaConfig().to_dict())
     c.casa.threshold = ml_collections.FieldReference(None, field_type=float)
-    c.circuit_breaker = ml_collections.ConfigDict(dict(layers=[], alpha=5.0, retain_norm="absolute"))
+    c.circuit_breaker = ml_collections.ConfigDict(dict(layers=(), alpha=5.0, retain_norm="absolute"))
     return c

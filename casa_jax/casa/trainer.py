@@ -65,6 +65,15 @@ def _greedy_answers(spec, params, tokenizer, max_new_tokens: int):
     return answer
 
 
+def _check_lengths(tokenizer, examples, max_length: int, safety_prompt: bool) -> None:
+    """Fail before training, naming the longest prompt, when prompts cannot fit ``max_length``."""
+    longest, prompt = max((len(render_prompt(tokenizer, e.prompt, safety_prompt)), e.prompt) for e in examples)
+    if longest + 2 > max_length:  # + safety token + at least one target token
+        raise ConfigError(f"--config.data.max_length={max_length} is too short: the longest prompt takes {longest} "
+                          f"tokens ({prompt[:50]!r}...); raise it to at least {longest + 2} or lower "
+                          "--config.data.max_chars")
+
+
 def train(config, workdir: str, progress: bool = True) -> dict:
     """Run training as ``config`` says; returns the final metrics (held-out ones prefixed ``eval_``)."""
     objective = config.objective
@@ -92,6 +101,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
         train_examples, heldout = self_answers(train_examples, answer), self_answers(heldout, answer)
     elif data.benign_target != "template":
         raise ConfigError(f"--config.data.benign_target={data.benign_target!r}; expected 'template' or 'self'")
+
+    _check_lengths(tokenizer, train_examples + heldout, data.max_length, casa_cfg.safety_prompt)
 
     key = jax.random.key(config.seed)
     trainable = {"lora": init_lora(text, jax.random.fold_in(key, 1))}
