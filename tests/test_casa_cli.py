@@ -101,3 +101,13 @@ def test_export_keeps_safety_tokens_and_merges_lora(tmp_path):
         ref = hf(input_ids=torch.tensor(ids)).logits.numpy()
     assert np.abs(np.asarray(ours) - ref).max() <= 1e-4
     del jax
+
+
+def test_train_cli_config_overrides_and_errors(tmp_path):
+    r = _run("casa_jax.train", f"--config={CONFIG}:casa", f"--workdir={tmp_path / 'w'}",
+             "--config.data.benign_sets=('benign_freshqa', 'benign_refusal_scorer')", "--config.data.max_length=16")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--config.data.max_length=16 is too short: the longest prompt takes" in r.stderr
+    r = _run("casa_jax.train", f"--config={CONFIG}:casa", f"--workdir={tmp_path / 'w'}",
+             "--config.casa.aggregation=median")
+    assert r.returncode == 2 and "CasaConfig.aggregation='median'" in r.stderr
