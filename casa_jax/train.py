@@ -3,10 +3,14 @@
   python -m casa_jax.train --config=configs/casa_tiny.py:casa --workdir=workdir/casa_tiny
   python -m casa_jax.train --config=configs/casa_tiny.py:ssft --workdir=... --config.num_train_steps=100
 
-Outputs in ``--workdir``: config.json, metrics.jsonl, checkpoint/ (for python -m casa_jax.generate).
+Outputs in ``--workdir``: config.json, metrics.jsonl, tensorboard/, checkpoints/ (resumable: rerun the
+same command to continue; SIGTERM saves first), checkpoint/ (the final model, for python -m
+casa_jax.generate). A NaN/Inf loss stops the run (exit 1) and keeps the last good checkpoint.
 """
 
 from __future__ import annotations
+
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -25,7 +29,11 @@ def main(argv):
     quiet_libraries()
     from casa_jax.casa.trainer import train
     with exit_on_bad_input():
-        final = train(FLAGS.config, FLAGS.workdir)
+        try:
+            final = train(FLAGS.config, FLAGS.workdir)
+        except FloatingPointError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
     shown = {k: round(v, 4) for k, v in final.items() if isinstance(v, float)}
     print(f"done: {FLAGS.config.objective}, step {final.get('step')}: {shown}")
     print(f"checkpoint: {FLAGS.workdir}/checkpoint")

@@ -18,7 +18,15 @@ def default_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
     c.objective = objective  # casa | ssft | circuit_breaker
     c.base = "tiny"  # "tiny" (the embedded random tiny model) or a casa-jax checkpoint directory
     c.seed = 0
-    c.batch_size = 16
+    c.batch_size = 16  # global batch; per_device_batch_size (if set) overrides it
+    c.per_device_batch_size = ml_collections.FieldReference(None, field_type=int)
+    c.grad_accum_steps = 1
+    c.checkpoint_every_steps = 100
+    c.keep_checkpoints = 3
+    # Mesh (data x fsdp x tensor; one -1 takes the remaining devices) and the logical-axis rules table
+    # (empty: casa_jax.sharding.DEFAULT_RULES).
+    c.mesh = ml_collections.ConfigDict(dict(shape=(1, -1, 1), axes=("data", "fsdp", "tensor")))
+    c.logical_axis_rules = ()
     c.num_train_steps = 200
     c.log_every_steps = 25
     c.eval_every_steps = 100

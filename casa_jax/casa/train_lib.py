@@ -60,21 +60,45 @@ def init_state(trainable, optimizer: optax.GradientTransformation) -> TrainState
 
 
 def make_train_step(objective: str, setup: ObjectiveSetup, optimizer: optax.GradientTransformation,
-                    total_steps: int):
-    """A jitted ``(state, frozen, batch, rng) -> (state, metrics)`` for one objective."""
-    loss_fn = functools.partial(LOSSES[objective], setup)
+                    total_steps: int, accum_steps: int = 1, shardings: tuple | None = None):
+    """A jitted ``(state, frozen, batch, rng) -> (state, metrics)`` for one objective.
 
-    @jax.jit
+    ``accum_steps > 1`` splits the batch into that many micro-batches (``lax.scan``) and averages their
+    gradients before one update. ``shardings = (state, frozen, batch)`` shardings pins the step's inputs
+    and outputs to the mesh (the state buffer is donated); None lets jit follow its inputs.
+    """
+    loss_fn = functools.partial(LOSSES[objective], setup)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
     def step(state: TrainState, frozen, batch, rng):
         progress = state.step.astype(jnp.float32) / max(total_steps, 1)
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.trainable, frozen, batch, jax.random.fold_in(rng, state.step), progress)
+        key = jax.random.fold_in(rng, state.step)
+        if accum_steps == 1:
+            (loss, metrics), grads = grad_fn(state.trainable, frozen, batch, key, progress)
+        else:
+            micro = jax.tree.map(lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
+
+            def one(carry, xs):
+                i, mb = xs
+                (l, m), g = grad_fn(state.trainable, frozen, mb, jax.random.fold_in(key, i), progress)
+                return jax.tree.map(jnp.add, carry, (l, m, g)), None
+
+            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
+                lambda: grad_fn(state.trainable, frozen, jax.tree.map(lambda x: x[0], micro), key, progress)))
+            zeros = (zeros[0][0], zeros[0][1], zeros[1])
+            (loss, metrics, grads), _ = jax.lax.scan(one, zeros, (jnp.arange(accum_steps), micro))
+            loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
         return TrainState(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
 
-    return step
+    if shardings is None:
+        return jax.jit(step)
+    state_sh, frozen_sh, batch_sh = shardings
+    replicated = jax.sharding.NamedSharding(batch_sh.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh, replicated),
+                   out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
 
 def make_eval_fn(objective: str, setup: ObjectiveSetup):

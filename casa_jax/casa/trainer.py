@@ -2,8 +2,10 @@
 ``python -m casa_jax.train``. Text-only, as in the paper; LoRA on the decoder, everything else frozen.
 
 Writes into ``workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON object per
-logged step, with ``step`` and ``loss``) and ``checkpoint/`` (loadable by ``casa_jax.casa.checkpoint``
-and by ``python -m casa_jax.generate``).
+logged step, with ``step`` and ``loss``), ``tensorboard/`` event files, ``checkpoints/`` (resumable
+states: a rerun with the same workdir continues from the latest; SIGTERM saves before exiting) and
+``checkpoint/`` (the final model, loadable by ``casa_jax.casa.checkpoint`` and ``python -m
+casa_jax.generate``). The step runs sharded over a ``data x fsdp x tensor`` mesh from the config.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import random
+import signal
+import threading
 import time
 
 import flax.linen as nn
@@ -29,9 +32,78 @@ from casa_jax.casa.safety_attention import SafetyAttention
 from casa_jax.casa.safety_tokens import add_safety_tokens
 from casa_jax.casa.train_lib import OptimConfig, init_state, make_eval_fn, make_optimizer, make_train_step
 from casa_jax.model.config import ConfigError
+from casa_jax.model.layers import LORA_COLLECTION
+from casa_jax.sharding import make_mesh
+from casa_jax.training.checkpointing import TrainCheckpoints, abstract_like
+from casa_jax.training.example_stream import ExampleStream
+from casa_jax.training.placement import (batch_sharding, data_parallel_size, decoder_shardings, global_batch, place,
+                                         replicated, rules_from_config, state_shardings)
 
 log = logging.getLogger(__name__)
-CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_DIR = "checkpoint"  # the final, servable model
+CHECKPOINTS_DIR = "checkpoints"  # resumable training states (orbax CheckpointManager)
+
+
+class Preempted(SystemExit):
+    """Raised after SIGTERM once the current step is checkpointed; exit status 143 like a TERM'd process."""
+
+    def __init__(self, step: int):
+        super().__init__(143)
+        self.step = step
+
+
+class _PreemptionFlag:
+    """Set by SIGTERM (Cloud TPU's preemption notice); the loop checkpoints and stops at the step's end."""
+
+    def __init__(self):
+        self.value = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.value = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _global_batch_size(config, mesh) -> int:
+    """``per_device_batch_size`` x data-parallel devices when set, else ``batch_size`` (global)."""
+    per_device = config.get("per_device_batch_size")
+    size = per_device * data_parallel_size(mesh) if per_device else config.batch_size
+    if size % (data_parallel_size(mesh) * config.grad_accum_steps):
+        raise ConfigError(f"global batch {size} must be divisible by the {data_parallel_size(mesh)} data-parallel "
+                          f"devices x grad_accum_steps={config.grad_accum_steps}")
+    return size
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Keep only records up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def _last_record(path: str) -> dict:
+    if not os.path.isfile(path):
+        return {}
+    lines = [line for line in open(path) if line.strip()]
+    return json.loads(lines[-1]) if lines else {}
+
+
+def _tensorboard(workdir: str):
+    try:
+        from tensorboardX import SummaryWriter
+    except ImportError:  # optional: metrics.jsonl is always written
+        log.warning("tensorboardX is not installed; writing metrics.jsonl only")
+        return None
+    return SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
 
 
 def _base(config):
@@ -122,48 +194,87 @@ def train(config, workdir: str, progress: bool = True) -> dict:
                         warmup_steps=config.warmup_steps, total_steps=steps, weight_decay=config.weight_decay,
                         grad_clip=config.grad_clip)
     optimizer = make_optimizer(optim, trainable)
-    state = init_state(trainable, optimizer)
-    step_fn = make_train_step(objective, setup, optimizer, steps)
+
+    # Placement: frozen params and LoRA by their logical axes, the safety head replicated, batches over
+    # the data-parallel axes.
+    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
+    rules = rules_from_config(config.logical_axis_rules)
+    decoder_sh = decoder_shardings(text, mesh, rules)
+    trainable_sh = {"lora": decoder_sh[LORA_COLLECTION]}
+    frozen_sh = {"params": decoder_sh["params"]}
+    if objective == "casa":
+        trainable_sh["safety"] = replicated(trainable["safety"], mesh)
+        frozen_sh["unsafe_query"] = replicated(unsafe_query, mesh)
+    frozen = place(frozen, frozen_sh)
+    init = lambda t: init_state(t, optimizer)  # noqa: E731
+    state_sh = state_shardings(jax.eval_shape(init, trainable), trainable_sh, mesh)
+    state = jax.jit(init, out_shardings=state_sh)(place(trainable, trainable_sh))
+    batch_size = _global_batch_size(config, mesh)
+    step_fn = make_train_step(objective, setup, optimizer, steps, accum_steps=config.grad_accum_steps,
+                              shardings=(state_sh, frozen_sh, batch_sharding(mesh)))
     eval_fn = make_eval_fn(objective, setup)
     batch_ids = ids if objective == "casa" else None
     heldout_batch = build_batch(tokenizer, heldout, data.max_length, batch_ids, casa_cfg.safety_prompt)
+    stream = ExampleStream(train_examples, batch_size, config.seed, jax.process_index(), jax.process_count())
 
-    order = list(range(len(train_examples)))
-    shuffler = random.Random(config.seed)
-    cursor = len(order)
+    checkpoints = TrainCheckpoints(os.path.join(workdir, CHECKPOINTS_DIR), config.checkpoint_every_steps,
+                                   config.keep_checkpoints)
+    start = checkpoints.latest_step() or 0
+    if start:
+        restored, data_state = checkpoints.restore(start, abstract_like(state))
+        state = restored
+        stream.restore(data_state)
+        log.info("resumed from step %d (%s)", start, checkpoints.directory)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    final: dict = {}
-    start = time.time()
-    with open(metrics_path, "w") as metrics_file, tqdm(total=steps, desc=f"train {objective}", unit="step",
-                                                        disable=not progress) as bar:
-        for step in range(1, steps + 1):
-            if cursor + config.batch_size > len(order):
-                shuffler.shuffle(order)
-                cursor = 0
-            rows = [train_examples[i] for i in order[cursor:cursor + config.batch_size]]
-            cursor += config.batch_size
-            batch = build_batch(tokenizer, rows, data.max_length, batch_ids, casa_cfg.safety_prompt)
-            state, metrics = step_fn(state, frozen, batch, key)
-            loss = float(metrics["loss"])
-            if not np.isfinite(loss):
-                raise FloatingPointError(f"step {step}: loss is {loss}; lower --config.learning_rate")
-            bar.update()
-            record = None
-            if step % config.log_every_steps == 0 or step == steps:
-                record = {"step": step, **{k: float(v) for k, v in metrics.items()},
-                          "elapsed_s": round(time.time() - start, 2)}
-                bar.set_postfix(loss=f"{loss:.3f}")
-            if step % config.eval_every_steps == 0 or step == steps:
-                held = eval_fn(state.trainable, frozen, heldout_batch)
-                record = {**(record or {"step": step, "loss": loss}),
-                          **{f"eval_{k}": float(v) for k, v in held.items()}}
-            if record:
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                final = record
+    _truncate_metrics(metrics_path, start)
+    preempted = _PreemptionFlag()
+    final: dict = _last_record(metrics_path)
+    t0 = time.time()
+    writer = _tensorboard(workdir)
+    try:
+        with open(metrics_path, "a") as metrics_file, tqdm(total=steps, initial=start, desc=f"train {objective}",
+                                                            unit="step", disable=not progress) as bar:
+            for step in range(start + 1, steps + 1):
+                local = build_batch(tokenizer, stream.next(), data.max_length, batch_ids, casa_cfg.safety_prompt)
+                state, metrics = step_fn(state, frozen, global_batch(local, mesh), key)
+                loss = float(metrics["loss"])
+                if not np.isfinite(loss):
+                    raise FloatingPointError(
+                        f"step {step}: the loss is {loss}; stopping without saving this state. The last good "
+                        f"checkpoint is step {checkpoints.latest_step()} in {checkpoints.directory}; lower "
+                        "--config.learning_rate or raise --config.grad_clip")
+                bar.update()
+                record = None
+                if step % config.log_every_steps == 0 or step == steps:
+                    record = {"step": step, **{k: float(v) for k, v in metrics.items()},
+                              "elapsed_s": round(time.time() - t0, 2)}
+                    bar.set_postfix(loss=f"{loss:.3f}")
+                if step % config.eval_every_steps == 0 or step == steps:
+                    held = eval_fn(state.trainable, frozen, heldout_batch)
+                    record = {**(record or {"step": step, "loss": loss}),
+                              **{f"eval_{k}": float(v) for k, v in held.items()}}
+                if record:
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                    if writer:
+                        for k, v in record.items():
+                            if k != "step" and isinstance(v, float):
+                                writer.add_scalar(k, v, step)
+                    final = record
+                checkpoints.save(step, state, stream.state(), force=preempted.value or step == steps)
+                if preempted.value:
+                    checkpoints.wait()
+                    log.warning("SIGTERM: saved step %d to %s; exiting", step, checkpoints.directory)
+                    raise Preempted(step)
+    finally:
+        checkpoints.close()
+        preempted.restore()
+        if writer:
+            writer.close()
+    trained = jax.tree.map(np.asarray, state.trainable)
     model = TrainedModel(spec=spec, params=params, encoders=encoders, objective=objective,
-                         lora=jax.tree.map(np.asarray, state.trainable["lora"]), casa=casa_cfg if ids else None,
-                         ids=ids, safety=state.trainable.get("safety"), unsafe_query=unsafe_query,
+                         lora=trained["lora"], casa=casa_cfg if ids else None,
+                         ids=ids, safety=trained.get("safety"), unsafe_query=unsafe_query,
                          meta_circuit_breaker={"layers": list(setup.circuit_breaker.resolved_layers(text.num_hidden_layers)),
                                                "alpha": setup.circuit_breaker.alpha,
                                                "retain_norm": setup.circuit_breaker.retain_norm} if objective == "circuit_breaker" else None)

@@ -1,0 +1,1 @@
+"""Training at scale: mesh placement, sharded jitted steps, checkpointed iterators and loops."""

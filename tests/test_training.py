@@ -1,0 +1,164 @@
+"""Training at scale on 8 simulated devices: placement by logical axes, a sharded step equal to the
+single-device one, gradient accumulation, and kill / SIGTERM / NaN behaviour of the train CLI."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from casa_jax import tiny
+from casa_jax.casa.config import CasaConfig
+from casa_jax.casa.examples import Example, build_batch
+from casa_jax.casa.lora import init_lora
+from casa_jax.casa.objectives import ObjectiveSetup
+from casa_jax.casa.safety_attention import SafetyAttention
+from casa_jax.casa.safety_tokens import add_safety_tokens
+from casa_jax.casa.train_lib import OptimConfig, init_state, make_optimizer, make_train_step
+from casa_jax.model.text_decoder import CausalLM, init_inputs
+from casa_jax.sharding import make_mesh
+from casa_jax.training.placement import (batch_sharding, decoder_shardings, global_batch, place, replicated,
+                                         state_shardings)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "casa_tiny.py")
+
+
+@pytest.fixture(scope="module")
+def problem():
+    spec = tiny.tiny_spec()
+    params = jax.tree.map(np.asarray, nn.unbox(CausalLM(spec.text).init(jax.random.key(0), *init_inputs())["params"]))
+    tok = tiny.build_tokenizer(spec.text.vocab_size)
+    cfg = CasaConfig()
+    tok, params, spec, ids, query = add_safety_tokens(tok, params, spec, cfg)
+    text = spec.text.replace(lora_rank=4, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"))
+    trainable = {"lora": jax.tree.map(lambda x: x + 0.01, init_lora(text, jax.random.key(1))),
+                 "safety": nn.unbox(SafetyAttention(cfg).init(jax.random.key(2), query,
+                                                              np.zeros((1, 2, text.hidden_size), np.float32),
+                                                              np.ones((1, 2), bool))["params"])}
+    examples = [Example("Write a poem", False, "Sure."), Example("How to build a bomb", True, "No."),
+                Example("What is 2+2?", False, "4."), Example("Hack a bank", True, "No.")] * 2
+    batch = build_batch(tok, examples, 64, ids)
+    setup = ObjectiveSetup(text=text, casa=cfg, ids=ids)
+    optimizer = make_optimizer(OptimConfig(total_steps=10, warmup_steps=1), trainable)
+    return dict(text=text, trainable=trainable, frozen={"params": params, "unsafe_query": query}, batch=batch,
+                setup=setup, optimizer=optimizer)
+
+
+def _run_steps(step, state, frozen, batch, n):
+    losses = []
+    for _ in range(n):
+        state, metrics = step(state, frozen, batch, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_sharded_step_equals_single_device(problem):
+    p = problem
+    single = make_train_step("casa", p["setup"], p["optimizer"], 10)
+    want, want_losses = _run_steps(single, init_state(p["trainable"], p["optimizer"]), p["frozen"], p["batch"], 3)
+
+    mesh = make_mesh((2, 2, 2))
+    dsh = decoder_shardings(p["text"], mesh)
+    trainable_sh = {"lora": dsh["lora"], "safety": replicated(p["trainable"]["safety"], mesh)}
+    frozen_sh = {"params": dsh["params"], "unsafe_query": replicated(p["frozen"]["unsafe_query"], mesh)}
+    frozen = place(p["frozen"], frozen_sh)
+    init = lambda t: init_state(t, p["optimizer"])  # noqa: E731
+    state_sh = state_shardings(jax.eval_shape(init, p["trainable"]), trainable_sh, mesh)
+    state = jax.jit(init, out_shardings=state_sh)(place(p["trainable"], trainable_sh))
+    step = make_train_step("casa", p["setup"], p["optimizer"], 10, shardings=(state_sh, frozen_sh, batch_sharding(mesh)))
+    with jax.set_mesh(mesh):
+        got, got_losses = _run_steps(step, state, frozen, global_batch(p["batch"], mesh), 3)
+
+    np.testing.assert_allclose(got_losses, want_losses, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(got.trainable), jax.tree.leaves(want.trainable)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    # placed as the rules say: embeddings [vocab -> tensor, embed -> fsdp], LoRA A [layers, embed -> fsdp, r]
+    embed = frozen["params"]["embed_tokens"]["embedding"]
+    assert embed.sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+    assert len(embed.addressable_shards) == 8 and embed.addressable_shards[0].data.shape == (257, 32)
+    lora_a = got.trainable["lora"]["layers"]["self_attn"]["q_proj"]["lora_a"]
+    assert lora_a.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", None)
+    moments = [x for x in jax.tree.leaves(got.opt_state) if getattr(x, "shape", None) == lora_a.shape]
+    assert len(moments) >= 2 and all(m.sharding.spec == lora_a.sharding.spec for m in moments)  # Adam mu, nu
+
+
+def test_gradient_accumulation_equals_full_batch(problem):
+    p = problem
+    full = make_train_step("casa", p["setup"], p["optimizer"], 10)
+    accum = make_train_step("casa", p["setup"], p["optimizer"], 10, accum_steps=2)
+    a, la = _run_steps(full, init_state(p["trainable"], p["optimizer"]), p["frozen"], p["batch"], 2)
+    b, lb = _run_steps(accum, init_state(p["trainable"], p["optimizer"]), p["frozen"], p["batch"], 2)
+    np.testing.assert_allclose(la, lb, atol=1e-5)
+    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+
+
+def _train_cmd(workdir, *extra):
+    return [sys.executable, "-m", "casa_jax.train", f"--config={CONFIG}:casa", f"--workdir={workdir}",
+            "--config.num_train_steps=40", "--config.checkpoint_every_steps=10", "--config.log_every_steps=1",
+            "--config.eval_every_steps=20", "--config.data.per_class=80", "--config.data.heldout_per_class=20",
+            *extra]
+
+
+def _losses(workdir):
+    return [(r["step"], r["loss"], r.get("eval_loss")) for r in map(json.loads, open(workdir / "metrics.jsonl"))]
+
+
+def _finished_steps(workdir):
+    root = workdir / "checkpoints"
+    return sorted(int(n) for n in os.listdir(root) if n.isdigit()) if root.is_dir() else []
+
+
+def test_kill_and_resume_is_bitwise_identical(tmp_path):
+    straight = tmp_path / "straight"
+    r = subprocess.run(_train_cmd(straight), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+    resumed = tmp_path / "resumed"
+    proc = subprocess.Popen(_train_cmd(resumed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    deadline = time.time() + 240
+    while time.time() < deadline and not any(s >= 20 for s in _finished_steps(resumed)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = max(_finished_steps(resumed))
+    assert 20 <= killed_at < 40, killed_at
+    r = subprocess.run(_train_cmd(resumed), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from step {killed_at}" in r.stderr
+    assert _losses(resumed) == _losses(straight)  # every step, bitwise
+
+
+def test_sigterm_checkpoints_then_exits(tmp_path):
+    workdir = tmp_path / "term"
+    proc = subprocess.Popen(_train_cmd(workdir, "--config.num_train_steps=400"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.time() + 240
+    metrics = workdir / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 13):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    last = _losses(workdir)[-1][0]
+    assert "SIGTERM: saved step" in err and last in _finished_steps(workdir)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    workdir = tmp_path / "nan"
+    r = subprocess.run(_train_cmd(workdir, "--config.learning_rate=1e30", "--config.safety_learning_rate=1e30",
+                                  "--config.grad_clip=1e30", "--config.checkpoint_every_steps=1"),
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 1, r.stderr[-2000:]
+    assert "the loss is nan" in r.stderr and "the last good checkpoint is step" in r.stderr.lower()
+    steps = _finished_steps(workdir)
+    bad = int(r.stderr.split("error: step ")[1].split(":")[0])
+    assert steps and max(steps) == bad - 1
