@@ -28,8 +28,12 @@ def heldout_prompts():
     return harmful, benign
 
 
+# One device: these runs check the method end to end; sharding is tested on 8 devices in test_training.
+ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+
+
 def _run(*args):
-    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT)
+    return subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, cwd=ROOT, env=ONE_DEVICE)
 
 
 @pytest.mark.parametrize("objective", ["casa", "ssft", "circuit_breaker"])

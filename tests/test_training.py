@@ -135,6 +135,8 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from step {killed_at}" in r.stderr
     assert _losses(resumed) == _losses(straight)  # every step, bitwise
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(straight / "tensorboard"))
+    assert json.load(open(straight / "config.json"))["num_train_steps"] == 40
 
 
 def test_sigterm_checkpoints_then_exits(tmp_path):
