@@ -20,6 +20,8 @@ from casa_jax.cli import exit_on_bad_input, quiet_libraries
 config_flags.DEFINE_config_file("config", None, "Training config file (e.g. configs/casa_tiny.py:casa).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Output directory (config, metrics, checkpoint).", required=True)
+flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host Cloud TPU pods; "
+                  "launch/tpu.py run sets it).")
 flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
@@ -27,6 +29,9 @@ FLAGS = flags.FLAGS
 def main(argv):
     del argv
     quiet_libraries()
+    if FLAGS.jax_distributed:
+        import jax
+        jax.distributed.initialize()  # on Cloud TPU the coordinator and process ids are discovered
     from casa_jax.casa.trainer import train
     with exit_on_bad_input():
         try:

@@ -271,7 +271,10 @@ def train(config, workdir: str, progress: bool = True) -> dict:
         preempted.restore()
         if writer:
             writer.close()
-    trained = jax.tree.map(np.asarray, state.trainable)
+    from jax.experimental import multihost_utils
+    trained = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.trainable, tiled=True))
+    if jax.process_index() != 0:  # one writer for the final model
+        return final
     model = TrainedModel(spec=spec, params=params, encoders=encoders, objective=objective,
                          lora=trained["lora"], casa=casa_cfg if ids else None,
                          ids=ids, safety=trained.get("safety"), unsafe_query=unsafe_query,
