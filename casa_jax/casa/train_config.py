@@ -21,6 +21,8 @@ def default_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
     c.batch_size = 16  # global batch; per_device_batch_size (if set) overrides it
     c.per_device_batch_size = ml_collections.FieldReference(None, field_type=int)
     c.grad_accum_steps = 1
+    c.dtype = "float32"  # compute dtype (bfloat16 on TPU); trained params stay float32 (master weights)
+    c.remat_policy = "none"  # none | full | dots | dots_with_no_batch_dims | minimal
     c.checkpoint_every_steps = 100
     c.keep_checkpoints = 3
     # Mesh (data x fsdp x tensor; one -1 takes the remaining devices) and the logical-axis rules table

@@ -161,7 +161,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
         tokenizer, params, spec, ids, unsafe_query = add_safety_tokens(tokenizer, params, spec, casa_cfg)
     lora = config.lora
     text = spec.text.replace(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             lora_targets=tuple(lora.targets))
+                             lora_targets=tuple(lora.targets), dtype=config.dtype, param_dtype="float32",
+                             remat_policy=config.remat_policy)
     spec = spec.__class__(text=text, model_type=spec.model_type, hf_config=spec.hf_config)
 
     data = config.data
