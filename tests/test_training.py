@@ -164,3 +164,35 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     steps = _finished_steps(workdir)
     bad = int(r.stderr.split("error: step ")[1].split(":")[0])
     assert steps and max(steps) == bad - 1
+
+
+def test_tfds_grain_pipeline_resumes_exactly(tmp_path):
+    """data.source=tfds: the casa_prompts TFDS dataset is built as array_record without TensorFlow, read
+    by grain; a run stopped by SIGTERM and restarted gives the same losses as one that never stopped."""
+    tfds_dir = tmp_path / "tfds"
+    extra = ["--config.data.source=tfds", f"--config.data.tfds_data_dir={tfds_dir}"]
+    straight = tmp_path / "straight"
+    r = subprocess.run(_train_cmd(straight, *extra), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    files = [n for n in os.listdir(tfds_dir / "casa_prompts" / "1.0.0") if ".array_record" in n]
+    assert files, os.listdir(tfds_dir / "casa_prompts" / "1.0.0")
+
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(_train_cmd(stopped, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, cwd=ROOT)
+    metrics = stopped / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 7):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    data_state = json.load(open(next((stopped / "checkpoints" / str(max(_finished_steps(stopped))) / "data").glob("*"))))
+    assert "grain" in data_state
+    r = subprocess.run(_train_cmd(stopped, *extra), capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _losses(stopped) == _losses(straight)
+    probe = subprocess.run([sys.executable, "-c", "import sys; from casa_jax.data.tfds_prompts import prepare; "
+                            f"src = prepare({str(tfds_dir)!r}); print(len(src), 'tensorflow' in sys.modules)"],
+                           capture_output=True, text=True, cwd=ROOT)
+    assert probe.stdout.split() == ["1595", "False"], probe.stdout + probe.stderr[-2000:]  # no TensorFlow

@@ -41,7 +41,11 @@ def default_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
         harmful_sets=("harmful_advbench",), benign_sets=("benign_freshqa", "benign_mtbench"),
         per_class=300, heldout_per_class=100, max_chars=120, max_length=128,
         benign_target="template",  # template | self (the base model's own greedy answers)
-        self_answer_tokens=64))
+        self_answer_tokens=64,
+        # memory: the vendored sets streamed from RAM; tfds: the casa_prompts TFDS dataset (array_record,
+        # built once into tfds_data_dir, default $TFDS_DATA_DIR or ~/tensorflow_datasets) read by grain
+        source="memory"))
+    c.data.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
     c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=tuple(LORA_TARGETS)))
     c.casa = ml_collections.ConfigDict(CasaConfig().to_dict())
     c.casa.threshold = ml_collections.FieldReference(None, field_type=float)

@@ -35,7 +35,7 @@ from casa_jax.model.config import ConfigError
 from casa_jax.model.layers import LORA_COLLECTION
 from casa_jax.sharding import make_mesh
 from casa_jax.training.checkpointing import TrainCheckpoints, abstract_like
-from casa_jax.training.example_stream import ExampleStream
+from casa_jax.training.example_stream import ExampleStream, GrainStream
 from casa_jax.training.placement import (batch_sharding, data_parallel_size, decoder_shardings, global_batch, place,
                                          replicated, rules_from_config, state_shardings)
 
@@ -216,7 +216,13 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     eval_fn = make_eval_fn(objective, setup)
     batch_ids = ids if objective == "casa" else None
     heldout_batch = build_batch(tokenizer, heldout, data.max_length, batch_ids, casa_cfg.safety_prompt)
-    stream = ExampleStream(train_examples, batch_size, config.seed, jax.process_index(), jax.process_count())
+    if data.source == "memory":
+        stream = ExampleStream(train_examples, batch_size, config.seed, jax.process_index(), jax.process_count())
+    elif data.source == "tfds":
+        stream = GrainStream(train_examples, batch_size, config.seed, data.tfds_data_dir, jax.process_index(),
+                             jax.process_count())
+    else:
+        raise ConfigError(f"--config.data.source={data.source!r}; expected 'memory' or 'tfds'")
 
     checkpoints = TrainCheckpoints(os.path.join(workdir, CHECKPOINTS_DIR), config.checkpoint_every_steps,
                                    config.keep_checkpoints)

@@ -45,3 +45,35 @@ class ExampleStream:
         if state.get("seed") != self.seed:
             raise ValueError(f"data iterator state has seed {state.get('seed')}, this run uses {self.seed}")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+class GrainStream:
+    """The same interface over a grain iterator of the TFDS ``casa_prompts`` records (``data.source=tfds``)."""
+
+    def __init__(self, examples: Sequence, batch_size: int, seed: int, data_dir: str | None = None,
+                 process_index: int = 0, process_count: int = 1):
+        from casa_jax.data.tfds_prompts import IndexedExamples, decode, example_iterator, prepare
+        if batch_size % process_count:
+            raise ValueError(f"global batch {batch_size} is not divisible by {process_count} processes")
+        source = prepare(data_dir)
+        index = {decode(source[i])["prompt"]: i for i in range(len(source))}
+        missing = [e.prompt[:40] for e in examples if e.prompt not in index]
+        if missing:
+            raise ValueError(f"{len(missing)} training prompts are not in the TFDS casa_prompts dataset "
+                             f"(e.g. {missing[0]!r}); rebuild it from this version of the package")
+        indexed = IndexedExamples(source, [index[e.prompt] for e in examples], [e.target for e in examples])
+        self.seed = seed
+        self._make = lambda: example_iterator(indexed, batch_size // process_count, seed, process_index, process_count)
+        self._iterator = self._make()
+
+    def next(self) -> list:
+        return next(self._iterator)
+
+    def state(self) -> dict:
+        return {"grain": self._iterator.get_state(), "seed": self.seed}
+
+    def restore(self, state: dict) -> None:
+        if state.get("seed") != self.seed or "grain" not in state:
+            raise ValueError(f"data iterator state {state!r} does not belong to this grain stream (seed {self.seed})")
+        self._iterator = self._make()
+        self._iterator.set_state(state["grain"])

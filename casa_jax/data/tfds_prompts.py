@@ -1,0 +1,80 @@
+"""The vendored prompt sets as a TFDS dataset (``array_record`` files, no TensorFlow needed) and a grain
+pipeline over it with a checkpointable iterator.
+
+``casa_prompts`` holds every vendored harmful/benign prompt once (de-duplicated), with its label and
+source set (one split, ``prompts``). Training picks its examples by index (``split_examples`` decides which) and grain shuffles,
+repeats, shards per process and batches them; ``iterator.get_state()`` is a small JSON dict that the
+trainer stores in its checkpoints.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from casa_jax.data.prompts_io import BENIGN, HARMFUL, load_prompts
+
+
+class CasaPrompts(tfds.core.GeneratorBasedBuilder):
+    """Harmful and benign requests (no responses) from the vendored sets; one split, ``prompts``."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "AdvBench, HarmBench, JBB, MT-Bench, FreshQA, WritingBench, refusal-scorer prompts."}
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(builder=self, description=__doc__, features=tfds.features.FeaturesDict({
+            "id": tfds.features.Text(), "prompt": tfds.features.Text(), "source": tfds.features.Text(),
+            "harmful": tfds.features.Scalar(np.int64)}))
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # everything is vendored in the package: no download
+        return {"prompts": self._generate_examples()}
+
+    def _generate_examples(self):
+        seen = set()
+        for name in HARMFUL + BENIGN:
+            for record in load_prompts(name):
+                key = " ".join(record["prompt"].lower().split())
+                if key in seen:
+                    continue
+                seen.add(key)
+                yield record["id"], {"id": record["id"], "prompt": record["prompt"].strip(), "source": name,
+                                     "harmful": int(record["label"] == "harmful")}
+
+
+def prepare(data_dir: str | None = None):
+    """Build (once) and return the ``prompts`` split as a random-access data source."""
+    builder = CasaPrompts(data_dir=data_dir, file_format="array_record")
+    builder.download_and_prepare()
+    return builder.as_data_source()["prompts"]
+
+
+def decode(record: dict) -> dict:
+    return {k: (v.decode("utf-8") if isinstance(v, bytes) else v) for k, v in record.items()}
+
+
+class IndexedExamples:
+    """A grain map source: the chosen records (by index) of a TFDS source, as training ``Example``s."""
+
+    def __init__(self, source, indices: Sequence[int], targets: Sequence[str]):
+        self.source, self.indices, self.targets = source, list(indices), list(targets)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        from casa_jax.casa.examples import Example
+        record = decode(self.source[self.indices[i]])
+        return Example(record["prompt"], bool(record["harmful"]), self.targets[i])
+
+
+def example_iterator(source: IndexedExamples, per_process_batch: int, seed: int, process_index: int = 0,
+                     process_count: int = 1):
+    """Shuffled, repeated, per-process batches of Examples (grain ``DatasetIterator``: get_state/set_state)."""
+    import grain
+
+    ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat(None)
+    ds = ds[process_index::process_count].batch(per_process_batch, drop_remainder=True, batch_fn=list)
+    return iter(ds.to_iter_dataset())
