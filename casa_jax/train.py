@@ -1,6 +1,6 @@
 """Fine-tune with CASA, SSFT or Circuit Breakers (LoRA, text-only) and save a checkpoint.
 
-  python -m casa_jax.train --config=configs/casa_tiny.py:casa --workdir=workdir/casa_tiny
+  python -m casa_jax.train        # = --config=configs/casa_tiny.py:casa --workdir=workdir/casa_tiny
   python -m casa_jax.train --config=configs/casa_tiny.py:ssft --workdir=... --config.num_train_steps=100
 
 Outputs in ``--workdir``: config.json, metrics.jsonl, tensorboard/, checkpoints/ (resumable: rerun the
@@ -10,6 +10,7 @@ casa_jax.generate). A NaN/Inf loss stops the run (exit 1) and keeps the last goo
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
@@ -17,18 +18,23 @@ from ml_collections import config_flags
 
 from casa_jax.cli import exit_on_bad_input, quiet_libraries
 
-config_flags.DEFINE_config_file("config", None, "Training config file (e.g. configs/casa_tiny.py:casa).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Output directory (config, metrics, checkpoint).", required=True)
+# The tiny CASA config of this checkout is the default, so `python -m casa_jax.train` alone trains it.
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "casa_tiny.py")
+config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG if os.path.isfile(_DEFAULT_CONFIG) else None,
+                                "Training config file (default: configs/casa_tiny.py, objective casa; "
+                                "e.g. configs/casa_tiny.py:ssft).", lock_config=True)
+flags.DEFINE_string("workdir", os.path.join("workdir", "casa_tiny"), "Output directory (config, metrics, "
+                    "checkpoints, final checkpoint). Rerun with the same workdir to resume.")
 flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host Cloud TPU pods; "
                   "launch/tpu.py run sets it).")
-flags.mark_flags_as_required(["config"])
 FLAGS = flags.FLAGS
 
 
 def main(argv):
     del argv
     quiet_libraries()
+    if FLAGS.config is None:
+        raise app.UsageError("--config is required (configs/casa_tiny.py is not next to this installation)")
     if FLAGS.jax_distributed:
         import jax
         jax.distributed.initialize()  # on Cloud TPU the coordinator and process ids are discovered

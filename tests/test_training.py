@@ -188,7 +188,7 @@ def test_tfds_grain_pipeline_resumes_exactly(tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
     data_state = json.load(open(next((stopped / "checkpoints" / str(max(_finished_steps(stopped))) / "data").glob("*"))))
-    assert "grain" in data_state
+    assert "grain" in data_state["stream"] and len(data_state["rng"]) == 2  # iterator position + RNG key
     r = subprocess.run(_train_cmd(stopped, *extra), capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _losses(stopped) == _losses(straight)

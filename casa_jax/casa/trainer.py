@@ -151,8 +151,10 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     objective = config.objective
     parts = trainable_parts(objective)
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2))
+    writer_process = jax.process_index() == 0  # one process writes config, metrics and TensorBoard
+    if writer_process:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json_best_effort(indent=2))
     casa_cfg = CasaConfig.from_dict(config.casa.to_dict())
     spec, params, encoders, tokenizer, sidecar = _base(config)
 
@@ -230,17 +232,19 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     if start:
         restored, data_state = checkpoints.restore(start, abstract_like(state))
         state = restored
-        stream.restore(data_state)
+        stream.restore(data_state["stream"])
+        key = jax.random.wrap_key_data(np.asarray(data_state["rng"], np.uint32))
         log.info("resumed from step %d (%s)", start, checkpoints.directory)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    _truncate_metrics(metrics_path, start)
+    if writer_process:
+        _truncate_metrics(metrics_path, start)
     preempted = _PreemptionFlag()
     final: dict = _last_record(metrics_path)
     t0 = time.time()
     writer = _tensorboard(workdir)
     try:
-        with open(metrics_path, "a") as metrics_file, tqdm(total=steps, initial=start, desc=f"train {objective}",
-                                                            unit="step", disable=not progress) as bar:
+        with open(metrics_path if writer_process else os.devnull, "a") as metrics_file, tqdm(total=steps, initial=start, desc=f"train {objective}",
+                                                            unit="step", disable=not (progress and writer_process)) as bar:
             for step in range(start + 1, steps + 1):
                 local = build_batch(tokenizer, stream.next(), data.max_length, batch_ids, casa_cfg.safety_prompt)
                 state, metrics = step_fn(state, frozen, global_batch(local, mesh), key)
@@ -268,7 +272,8 @@ def train(config, workdir: str, progress: bool = True) -> dict:
                             if k != "step" and isinstance(v, float):
                                 writer.add_scalar(k, v, step)
                     final = record
-                checkpoints.save(step, state, stream.state(), force=preempted.value or step == steps)
+                data_state = {"stream": stream.state(), "rng": np.asarray(jax.random.key_data(key)).tolist()}
+                checkpoints.save(step, state, data_state, force=preempted.value or step == steps)
                 if preempted.value:
                     checkpoints.wait()
                     log.warning("SIGTERM: saved step %d to %s; exiting", step, checkpoints.directory)
