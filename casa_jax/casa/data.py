@@ -17,9 +17,13 @@ BENIGN_TEMPLATE = "Sure, here is a helpful answer."
 
 
 def _prompts(names: Sequence[str], max_chars: int) -> list[str]:
+    """Prompts of the train split (by id; the test split is kept for evaluation), de-duplicated."""
+    from casa_jax.eval.splits import split_of
     seen, out = set(), []
     for name in names:
         for record in load_prompts(name):
+            if split_of(record["id"]) == "test":
+                continue
             text = record["prompt"].strip()
             key = " ".join(text.lower().split())
             if key not in seen and len(text) <= max_chars:
@@ -30,7 +34,8 @@ def _prompts(names: Sequence[str], max_chars: int) -> list[str]:
 
 def split_examples(harmful_sets: Sequence[str], benign_sets: Sequence[str], per_class: int, heldout_per_class: int,
                    refusal: str, max_chars: int = 200, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples, balanced per class, de-duplicated across sets, shuffled with ``seed``.
+    """(train, held-out) examples, balanced per class, de-duplicated across sets, shuffled with ``seed``;
+    prompts of the evaluation test split (``casa_jax.eval.splits``) are never used.
 
     Benign targets are ``BENIGN_TEMPLATE``; replace them with ``self_answers`` for real models.
     """

@@ -51,14 +51,12 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
     import jax
     import numpy as np
 
-    from casa_jax.casa.checkpoint import load_trained
     from casa_jax.casa.examples import render_prompt
     from casa_jax.casa.refusal import is_refusal
     from casa_jax.casa.safety_tokens import strip_safety_tokens
     from casa_jax.sampling.strategies import from_temperature
 
-    model = load_trained(ckpt_dir)  # first: says plainly when ckpt_dir is no checkpoint
-    tokenizer = load_tokenizer(ckpt_dir)
+    model, tokenizer = _loaded(ckpt_dir)  # first: says plainly when ckpt_dir is no checkpoint
     strategy = from_temperature(temperature, top_k, top_p)
     pad = tokenizer.pad_token_id or 0
     eos = _eos_ids(tokenizer)
@@ -69,14 +67,13 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
 
     arrays = thinker = None
     if has_media:
-        from casa_jax.model.thinker import Thinker
         from casa_jax.processing import OmniProcessor
         from casa_jax.checkpoints.orbax_io import sidecar_dir
         if not model.spec.is_thinker:
             from casa_jax.model.config import ConfigError
             raise ConfigError(f"{ckpt_dir}: images/audio need a Qwen2.5-Omni thinker checkpoint; this one is "
                               f"{model.spec.model_type!r}")
-        thinker = Thinker.from_spec(model.spec)
+        thinker = _thinker(ckpt_dir)
         processor = OmniProcessor.from_pretrained(sidecar_dir(ckpt_dir), thinker.vision, tokenizer=tokenizer)
         conversations = []
         for i, prompt in enumerate(prompts):
@@ -94,7 +91,7 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
         from casa_jax.sampling.conditional import ConditionalSampler
         casa = dc.replace(model.casa, **({"threshold": threshold} if threshold is not None else {}),
                           **({"refusal_mode": refusal_mode} if refusal_mode else {}))
-        sampler = ConditionalSampler(model.spec.text, casa, model.ids, eos, pad, strategy, thinker=thinker)
+        sampler = _cached(ConditionalSampler, model.spec.text, casa, model.ids, eos, pad, strategy, thinker=thinker)
         weights = model.weights()
         if has_media:
             outs = sampler.generate_multimodal(weights, arrays, max_new_tokens, prefill_ids, rng)
@@ -111,7 +108,7 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
 
     from casa_jax.model.text_decoder import CausalLM
     from casa_jax.sampling.sampler import Sampler
-    sampler = Sampler(CausalLM(model.spec.text), eos_ids=eos, pad_id=pad, strategy=strategy)
+    sampler = _cached(Sampler, CausalLM(model.spec.text), eos_ids=eos, pad_id=pad, strategy=strategy)
     variables = {"params": model.params, **({"lora": model.lora} if model.lora is not None else {})}
     if has_media:
         if model.lora is not None:
@@ -160,6 +157,50 @@ def prompt_cosines(model, prompt_ids) -> list[float]:
     cos = jnp.sum(ours * ref, -1) / (jnp.linalg.norm(ours, axis=-1) * jnp.linalg.norm(ref, axis=-1) + 1e-6)
     cos = np.asarray(cos.mean(0))  # [B, T]
     return [float(cos[b][mask[b] == 1].mean()) for b in range(len(prompt_ids))]
+
+
+# Repeated calls (batches of an evaluation) reuse the loaded checkpoint and the samplers' compiled
+# functions instead of reloading and recompiling.
+_MODELS: dict = {}
+_SAMPLERS: dict = {}
+
+
+def _loaded(ckpt_dir: str):
+    import os
+
+    from casa_jax.casa.checkpoint import load_trained
+    key = os.path.abspath(ckpt_dir)
+    if key not in _MODELS:
+        model = load_trained(ckpt_dir)
+        _MODELS[key] = (model, load_tokenizer(ckpt_dir))
+    return _MODELS[key]
+
+
+def _thinker(ckpt_dir: str):
+    import os
+
+    from casa_jax.model.thinker import Thinker
+    key = ("thinker", os.path.abspath(ckpt_dir))
+    if key not in _SAMPLERS:
+        _SAMPLERS[key] = Thinker.from_spec(_loaded(ckpt_dir)[0].spec)
+    return _SAMPLERS[key]
+
+
+def _cached(factory, *args, **kwargs):
+    key = (factory, args, tuple(sorted(kwargs.items())))
+    try:
+        hash(key)
+    except TypeError:
+        return factory(*args, **kwargs)
+    if key not in _SAMPLERS:
+        _SAMPLERS[key] = factory(*args, **kwargs)
+    return _SAMPLERS[key]
+
+
+def clear_cache() -> None:
+    """Forget loaded checkpoints (e.g. after rewriting one in place)."""
+    _MODELS.clear()
+    _SAMPLERS.clear()
 
 
 def _with_safety_prompt(prompt: str, on: bool) -> str:

@@ -1,0 +1,1 @@
+"""Evaluation: attack suites, judges, metrics and reports (attack success rate, over-refusal, AUROC)."""

@@ -1,0 +1,97 @@
+"""Evaluation items per attack suite and modality, built deterministically from held-out (test-split)
+prompts of the vendored sets, or from a user's JSONL file of {"prompt", "label"} records."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+from casa_jax.attacks import audio, images, text
+from casa_jax.data.prompts_io import read_jsonl, load_prompts
+from casa_jax.eval.splits import split_of
+
+SUITES = ("text", "jailbreak", "prefill", "figstep", "typo", "spoken", "spelling", "benign")
+MODALITY = {"text": "text", "jailbreak": "text", "prefill": "text", "benign": "text", "figstep": "image",
+            "typo": "image", "spoken": "audio", "spelling": "audio"}
+
+
+@dataclasses.dataclass
+class Item:
+    id: str
+    suite: str
+    harmful: bool
+    prompt: str  # the text the model sees (the request itself for text suites)
+    request: str  # the original request, for reports
+    image: Any = None
+    audio: Any = None
+    prefill: str = ""
+
+    @property
+    def modality(self) -> str:
+        return MODALITY.get(self.suite, "text")
+
+
+def test_prompts(names: Sequence[str], limit: int) -> list[dict]:
+    rows = [r for n in names for r in load_prompts(n) if split_of(r["id"]) == "test"]
+    return sorted(rows, key=lambda r: r["id"])[:limit]
+
+
+def _keyword(prompt: str) -> str:
+    words = [w.strip(",.?!:;\"'") for w in prompt.split()]
+    return max(words, key=len)
+
+
+def build_items(suites: Sequence[str], per_suite: int, tokenizer=None, seed: int = 0,
+                harmful_sets: Sequence[str] = ("harmful_advbench", "harmful_harmbench"),
+                benign_sets: Sequence[str] = ("benign_freshqa", "benign_mtbench", "benign_refusal_scorer")
+                ) -> list[Item]:
+    unknown = sorted(set(suites) - set(SUITES))
+    if unknown:
+        raise ValueError(f"unknown suites {unknown}; expected some of {SUITES}")
+    harmful = test_prompts(harmful_sets, per_suite)
+    items: list[Item] = []
+    for suite in suites:
+        if suite == "benign":
+            items += [Item(r["id"], suite, False, r["prompt"], r["prompt"]) for r in test_prompts(benign_sets, per_suite)]
+            continue
+        for r in harmful:
+            p = r["prompt"]
+            if suite == "text":
+                items.append(Item(r["id"], suite, True, p, p))
+            elif suite == "jailbreak":
+                items.append(Item(r["id"], suite, True, text.jailbreak(p, seed), p))
+            elif suite == "prefill":
+                for n in text.PREFILL_LENGTHS:
+                    prefix = tokenizer.decode(text.prefill_ids(tokenizer, n)) if tokenizer else ""
+                    items.append(Item(f"{r['id']}@{n}", f"prefill_{n}", True, p, p, prefill=prefix))
+            elif suite == "figstep":
+                items.append(Item(r["id"], suite, True, images.FIGSTEP_INSTRUCTION, p, image=images.figstep_image(p)))
+            elif suite == "typo":
+                items.append(Item(r["id"], suite, True, images.TYPO_INSTRUCTION, p,
+                                  image=images.typo_image(images.key_phrase(p))))
+            elif suite == "spoken":
+                wave, instruction = audio.spoken_request(p)
+                items.append(Item(r["id"], suite, True, instruction, p, audio=wave))
+            elif suite == "spelling":
+                wave, question = audio.spelling_attack(p, _keyword(p))
+                items.append(Item(r["id"], suite, True, question, p, audio=wave))
+    return items
+
+
+def items_from_file(path: str) -> list[Item]:
+    """A JSONL file of {"prompt", "label"} records (label: harmful/benign, 1/0, true/false)."""
+    from casa_jax.processing import InputError
+    items = []
+    try:
+        records = list(read_jsonl(path))
+    except (OSError, ValueError) as e:
+        raise InputError(f"--prompts: {e}") from e
+    for i, r in enumerate(records, 1):
+        if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or "label" not in r:
+            raise InputError(f"{path}:{i}: each record needs a string 'prompt' and a 'label'")
+        label = r["label"]
+        harmful = label in (1, True, "harmful", "unsafe", "1", "true")
+        if not harmful and label not in (0, False, "benign", "safe", "0", "false"):
+            raise InputError(f"{path}:{i}: label {label!r}; expected harmful/benign (or 1/0)")
+        items.append(Item(str(r.get("id", i)), "file", harmful, r["prompt"], r["prompt"]))
+    return items
