@@ -44,7 +44,12 @@ def test_train_save_reload_generate(objective, tmp_path, heldout_prompts):
     assert r.returncode == 0, r.stderr[-3000:]
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert records[-1]["step"] == STEPS[objective]
-    assert records[-1]["loss"] < records[0]["loss"], [r["loss"] for r in records]
+    if objective == "circuit_breaker":
+        # Its total is a schedule-weighted sum whose retain weight grows from 0; the term it optimises is the
+        # harmful prompts' cosine to the frozen model, exactly 1 at step 0 (LoRA B starts at zero).
+        assert records[-1]["eval_reroute_cos"] < 0.5, records[-1]
+    else:
+        assert records[-1]["loss"] < records[0]["loss"], [r["loss"] for r in records]
     if objective == "casa":
         assert records[-1]["eval_safety_accuracy"] >= 0.95, records[-1]
     assert json.load(open(workdir / "config.json"))["objective"] == objective
