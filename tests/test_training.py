@@ -28,6 +28,8 @@ from casa_jax.training.placement import (batch_sharding, decoder_shardings, glob
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "casa_tiny.py")
+# SIGKILL-resume runs on the 8 simulated devices (the pod path); the other CLI checks use one device.
+ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +144,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
 def test_sigterm_checkpoints_then_exits(tmp_path):
     workdir = tmp_path / "term"
     proc = subprocess.Popen(_train_cmd(workdir, "--config.num_train_steps=400"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ONE_DEVICE)
     deadline = time.time() + 240
     metrics = workdir / "metrics.jsonl"
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 13):
@@ -158,7 +160,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     workdir = tmp_path / "nan"
     r = subprocess.run(_train_cmd(workdir, "--config.learning_rate=1e30", "--config.safety_learning_rate=1e30",
                                   "--config.grad_clip=1e30", "--config.checkpoint_every_steps=1"),
-                       capture_output=True, text=True, cwd=ROOT)
+                       capture_output=True, text=True, cwd=ROOT, env=ONE_DEVICE)
     assert r.returncode == 1, r.stderr[-2000:]
     assert "the loss is nan" in r.stderr and "the last good checkpoint is step" in r.stderr.lower()
     steps = _finished_steps(workdir)
@@ -172,14 +174,14 @@ def test_tfds_grain_pipeline_resumes_exactly(tmp_path):
     tfds_dir = tmp_path / "tfds"
     extra = ["--config.data.source=tfds", f"--config.data.tfds_data_dir={tfds_dir}"]
     straight = tmp_path / "straight"
-    r = subprocess.run(_train_cmd(straight, *extra), capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(_train_cmd(straight, *extra), capture_output=True, text=True, cwd=ROOT, env=ONE_DEVICE)
     assert r.returncode == 0, r.stderr[-3000:]
     files = [n for n in os.listdir(tfds_dir / "casa_prompts" / "1.0.0") if ".array_record" in n]
     assert files, os.listdir(tfds_dir / "casa_prompts" / "1.0.0")
 
     stopped = tmp_path / "stopped"
     proc = subprocess.Popen(_train_cmd(stopped, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, cwd=ROOT)
+                            text=True, cwd=ROOT, env=ONE_DEVICE)
     metrics = stopped / "metrics.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 7):
@@ -189,7 +191,7 @@ def test_tfds_grain_pipeline_resumes_exactly(tmp_path):
     assert proc.returncode == 143, err[-2000:]
     data_state = json.load(open(next((stopped / "checkpoints" / str(max(_finished_steps(stopped))) / "data").glob("*"))))
     assert "grain" in data_state["stream"] and len(data_state["rng"]) == 2  # iterator position + RNG key
-    r = subprocess.run(_train_cmd(stopped, *extra), capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(_train_cmd(stopped, *extra), capture_output=True, text=True, cwd=ROOT, env=ONE_DEVICE)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _losses(stopped) == _losses(straight)
     probe = subprocess.run([sys.executable, "-c", "import sys; from casa_jax.data.tfds_prompts import prepare; "
