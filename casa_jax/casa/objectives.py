@@ -71,6 +71,15 @@ def _example_weights(batch: TrainBatch, beta: float) -> jax.Array:  # [B]
     return beta * harmful + (1.0 - beta) * (1.0 - harmful)
 
 
+def _norm(x: jax.Array) -> jax.Array:
+    return jnp.sqrt(jnp.sum(jnp.square(x), -1) + 1e-12)  # finite gradient at 0
+
+
+def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
+    """Cosine similarity over the last axis."""
+    return jnp.sum(a * b, -1) / (_norm(a) * _norm(b))
+
+
 def lm_loss(logits: jax.Array, batch: TrainBatch, weights: jax.Array) -> jax.Array:
     """Weighted mean next-token NLL over target tokens (the token at t is predicted from t - 1)."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
@@ -123,11 +132,10 @@ def circuit_breaker_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainB
     ours, ref = ours.astype(jnp.float32), jax.lax.stop_gradient(ref.astype(jnp.float32))  # [n, B, T, E]
     tokens = batch.attention_mask.astype(jnp.float32)[None]  # [1, B, T]
     harmful = batch.label.astype(jnp.float32)[None, :, None]
-    norm = lambda x: jnp.sqrt(jnp.sum(jnp.square(x), -1) + 1e-12)  # noqa: E731  (finite gradient at 0)
-    cos = jnp.sum(ours * ref, -1) / (norm(ours) * norm(ref))
+    cos = cosine(ours, ref)
     reroute_mask, retain_mask = tokens * harmful, tokens * (1 - harmful)
     reroute = jnp.sum(jax.nn.relu(cos) * reroute_mask) / jnp.maximum(jnp.sum(reroute_mask), 1.0)
-    distance = norm(ours - ref) / (norm(ref) if cb.retain_norm == "relative" else 1.0)
+    distance = _norm(ours - ref) / (_norm(ref) if cb.retain_norm == "relative" else 1.0)
     retain = jnp.sum(distance * retain_mask) / jnp.maximum(jnp.sum(retain_mask), 1.0)
     c_reroute = cb.alpha * (1 - progress / 2)
     c_retain = cb.alpha * progress / 2

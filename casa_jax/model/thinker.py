@@ -13,7 +13,6 @@ from typing import Sequence
 
 import flax.struct
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from casa_jax.model.audio_encoder import AudioEncoder, audio_layout

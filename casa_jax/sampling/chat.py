@@ -49,7 +49,6 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
     import dataclasses as dc
 
     import jax
-    import numpy as np
 
     from casa_jax.casa.examples import render_prompt
     from casa_jax.casa.refusal import is_refusal
@@ -139,10 +138,9 @@ CB_REROUTED_BELOW = 0.5  # mean cosine under which a Circuit-Breaker model count
 def prompt_cosines(model, prompt_ids) -> list[float]:
     """Mean cosine similarity, over each prompt's tokens and the Circuit-Breaker layers, between the
     adapted model's hidden states and the frozen (LoRA-free) model's."""
-    import jax.numpy as jnp
     import numpy as np
 
-    from casa_jax.casa.objectives import CircuitBreakerConfig
+    from casa_jax.casa.objectives import CircuitBreakerConfig, cosine
     from casa_jax.model.rope import positions_from_mask
     from casa_jax.model.text_decoder import CausalLM
     from casa_jax.sampling.sampler import bucket_length, left_pad
@@ -154,8 +152,7 @@ def prompt_cosines(model, prompt_ids) -> list[float]:
     run = lambda v: decoder.apply(v, ids, positions_from_mask(mask), mask, hidden_layers=layers,  # noqa: E731
                                   return_logits=False).hidden_states
     ours, ref = run({"params": model.params, "lora": model.lora}), run({"params": model.params})
-    cos = jnp.sum(ours * ref, -1) / (jnp.linalg.norm(ours, axis=-1) * jnp.linalg.norm(ref, axis=-1) + 1e-6)
-    cos = np.asarray(cos.mean(0))  # [B, T]
+    cos = np.asarray(cosine(ours, ref).mean(0))  # [B, T]
     return [float(cos[b][mask[b] == 1].mean()) for b in range(len(prompt_ids))]
 
 

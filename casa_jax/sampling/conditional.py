@@ -27,7 +27,8 @@ from casa_jax.model.kv_cache import KVCache
 from casa_jax.model.layers import LORA_COLLECTION
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM
-from casa_jax.sampling.sampler import bucket_length, left_pad
+from casa_jax.sampling.sampler import (bucket_length, cut_at_eos, decode_loop, left_pad, next_decode_positions,
+                                      pad_to_bucket)
 from casa_jax.sampling.strategies import Greedy
 
 
@@ -122,9 +123,8 @@ class ConditionalSampler:
         cache = KVCache.for_config(self.text, batch, length + chunk_ids.shape[1] + max_new_tokens)
         out = self.thinker(weights.params, weights.encoders, inputs, cache=cache, hidden_layers=self._hidden_layers,
                            lora=weights.lora)
-        real = inputs.attention_mask.astype(bool)
-        next_positions = jnp.max(jnp.where(real, inputs.positions.max(axis=0), -1), axis=-1) + 1
-        return self._after_prefill(weights, out, inputs.attention_mask, next_positions, chunk_ids, chunk_mask, rng,
+        return self._after_prefill(weights, out, inputs.attention_mask, next_decode_positions(inputs), chunk_ids,
+                                   chunk_mask, rng,
                                    max_new_tokens, template)
 
     def _after_prefill(self, weights, out, prompt_mask, next_positions, chunk_ids, chunk_mask, rng,
@@ -140,30 +140,9 @@ class ConditionalSampler:
         chunk_positions = next_positions[:, None] + jnp.cumsum(chunk_mask, axis=-1) - 1
         step = self.decoder.apply(weights.variables(), chunk, chunk_positions, chunk_mask, cache=out.cache)
         done = decision.unsafe if template else jnp.zeros((batch,), bool)
-        tokens = self._decode(weights, step.cache, step.logits[:, -1], next_positions + chunk_mask.sum(-1), done, rng,
-                              max_new_tokens)
+        tokens = decode_loop(self.decoder, weights.variables(), self.strategy, self.eos_ids, self.pad_id, step.cache,
+                             step.logits[:, -1], next_positions + chunk_mask.sum(-1), done, rng, max_new_tokens)
         return tokens, decision
-
-    def _decode(self, weights, cache, logits, positions, done, rng, max_new_tokens):
-        batch = logits.shape[0]
-        eos = jnp.asarray(self.eos_ids, jnp.int32)
-
-        def cond(s):
-            return (s[4] < max_new_tokens) & ~jnp.all(s[3])
-
-        def body(s):
-            cache, logits, positions, done, step, tokens, rng = s
-            rng, key = jax.random.split(rng)
-            token = jnp.where(done, self.pad_id, self.strategy(logits, key))
-            tokens = tokens.at[:, step].set(token)
-            done = done | jnp.isin(token, eos)
-            out = self.decoder.apply(weights.variables(), token[:, None], positions[:, None],
-                                     jnp.ones((batch, 1), jnp.int32), cache=cache)
-            return out.cache, out.logits[:, -1], positions + 1, done, step + 1, tokens, rng
-
-        init = (cache, logits, positions, done, jnp.zeros((), jnp.int32),
-                jnp.full((batch, max_new_tokens), self.pad_id, jnp.int32), rng)
-        return jax.lax.while_loop(cond, body, init)[5]
 
     # -- host entry points -----------------------------------------------------------------------
     def _chunk(self, batch: int, prefills: Sequence[Sequence[int]] | None) -> tuple[np.ndarray, np.ndarray]:
@@ -178,10 +157,9 @@ class ConditionalSampler:
         d = jax.tree.map(np.asarray, decision)
         results = []
         for row in range(tokens.shape[0]):
-            seq = tokens[row].tolist()
-            cut = next((i for i, t in enumerate(seq) if t in self.eos_ids), len(seq))
             unsafe = bool(d.unsafe[row])
-            results.append(CasaOutput(tokens=[] if (template and unsafe) else seq[:cut], unsafe=unsafe,
+            kept = [] if (template and unsafe) else cut_at_eos(tokens[row].tolist(), self.eos_ids)
+            results.append(CasaOutput(tokens=kept, unsafe=unsafe,
                                       v_s=float(d.v_s[row]), p_safe=float(d.p_safe[row]),
                                       p_unsafe=float(d.p_unsafe[row])))
         return results
@@ -205,13 +183,8 @@ class ConditionalSampler:
         """Like ``generate`` for ``OmniProcessor`` outputs (images, audio, video), through ``self.thinker``."""
         if self.thinker is None:
             raise ValueError("generate_multimodal needs a ConditionalSampler built with thinker=Thinker(...)")
-        ids = np.asarray(arrays["input_ids"])
-        mask = np.asarray(arrays.get("attention_mask", np.ones_like(ids)))
-        extra = bucket_length(ids.shape[1]) - ids.shape[1]
-        inputs = self.thinker.prepare(**dict(arrays, input_ids=np.pad(ids, ((0, 0), (extra, 0)),
-                                                                       constant_values=self.pad_id),
-                                             attention_mask=np.pad(mask, ((0, 0), (extra, 0)))))
-        chunk_ids, chunk_mask = self._chunk(ids.shape[0], prefills)
+        inputs = self.thinker.prepare(**pad_to_bucket(arrays, self.pad_id))
+        chunk_ids, chunk_mask = self._chunk(inputs.input_ids.shape[0], prefills)
         template = self.casa.refusal_mode == "template"
         tokens, decision = self._media_jit(weights, inputs, chunk_ids, chunk_mask,
                                            jax.random.key(0) if rng is None else rng, max_new_tokens, template)

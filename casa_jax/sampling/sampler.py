@@ -42,6 +42,57 @@ def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> 
     return ids, mask
 
 
+def pad_to_bucket(arrays: dict, pad_id: int) -> dict:
+    """Processor arrays with ``input_ids`` / ``attention_mask`` left-padded to the prefill bucket."""
+    ids = np.asarray(arrays["input_ids"])
+    mask = np.asarray(arrays.get("attention_mask", np.ones_like(ids)))
+    extra = bucket_length(ids.shape[1]) - ids.shape[1]
+    return dict(arrays, input_ids=np.pad(ids, ((0, 0), (extra, 0)), constant_values=pad_id),
+                attention_mask=np.pad(mask, ((0, 0), (extra, 0))))
+
+
+def next_decode_positions(inputs) -> jax.Array:
+    """[B] position of the first decoded token after a thinker prefill: max(prompt positions) + 1 over
+    the real tokens (= real tokens + rope delta), the same on all three M-RoPE streams."""
+    real = inputs.attention_mask.astype(bool)
+    return jnp.max(jnp.where(real, inputs.positions.max(axis=0), -1), axis=-1) + 1
+
+
+def cut_at_eos(row: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """The tokens before the first EOS."""
+    return list(row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))])
+
+
+def decode_loop(model: CausalLM, variables: dict, strategy, eos_ids: Sequence[int], pad_id: int, cache: KVCache,
+                logits: jax.Array, positions: jax.Array, done: jax.Array, rng: jax.Array,
+                max_new_tokens: int) -> jax.Array:
+    """One-token cached steps in a ``lax.while_loop`` until every row is done or ``max_new_tokens``.
+
+    logits [B, V] predict the first token, which goes at ``positions`` [B]; rows already ``done`` emit
+    ``pad_id``. Returns tokens [B, max_new_tokens].
+    """
+    batch = logits.shape[0]
+    state = DecodeState(cache=cache, logits=logits, positions=positions,
+                        tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32), done=done,
+                        step=jnp.zeros((), jnp.int32), rng=rng)
+    eos = jnp.asarray(tuple(eos_ids), jnp.int32)
+
+    def cond(s: DecodeState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: DecodeState):
+        rng, key = jax.random.split(s.rng)
+        token = jnp.where(s.done, pad_id, strategy(s.logits, key))
+        tokens = s.tokens.at[:, s.step].set(token)
+        done = s.done | jnp.isin(token, eos)
+        step_out = model.apply(variables, token[:, None], s.positions[:, None], jnp.ones((batch, 1), jnp.int32),
+                               cache=s.cache)
+        return DecodeState(cache=step_out.cache, logits=step_out.logits[:, -1], positions=s.positions + 1,
+                           tokens=tokens, done=done, step=s.step + 1, rng=rng)
+
+    return jax.lax.while_loop(cond, body, state).tokens
+
+
 def _variables(params) -> dict:
     """Accept a params tree or a full variables dict (``{"params": ..., "lora": ...}``)."""
     return params if "params" in params else {"params": params}
@@ -86,33 +137,12 @@ class Sampler:
         batch, length = inputs.input_ids.shape
         cache = KVCache.for_config(self.model.config, batch, length + max_new_tokens)
         out = thinker(params, encoders, inputs, cache=cache)
-        real = inputs.attention_mask.astype(bool)
-        next_positions = jnp.max(jnp.where(real, inputs.positions.max(axis=0), -1), axis=-1) + 1
-        return self._decode(params, out, next_positions, rng, max_new_tokens)
+        return self._decode(params, out, next_decode_positions(inputs), rng, max_new_tokens)
 
     def _decode(self, params, out, next_positions, rng, max_new_tokens: int):
-        batch = out.logits.shape[0]
-        state = DecodeState(cache=out.cache, logits=out.logits[:, -1], positions=next_positions,
-                            tokens=jnp.full((batch, max_new_tokens), self.pad_id, jnp.int32),
-                            done=jnp.zeros((batch,), bool), step=jnp.zeros((), jnp.int32), rng=rng)
-        eos = jnp.asarray(self.eos_ids, jnp.int32)
-
-        def cond(s: DecodeState):
-            return (s.step < max_new_tokens) & ~jnp.all(s.done)
-
-        def body(s: DecodeState):
-            rng, key = jax.random.split(s.rng)
-            token = self.strategy(s.logits, key)
-            token = jnp.where(s.done, self.pad_id, token)
-            tokens = s.tokens.at[:, s.step].set(token)
-            done = s.done | jnp.isin(token, eos)
-            step_out = self.model.apply(_variables(params), token[:, None], s.positions[:, None],
-                                        jnp.ones((batch, 1), jnp.int32), cache=s.cache)
-            return DecodeState(cache=step_out.cache, logits=step_out.logits[:, -1], positions=s.positions + 1,
-                               tokens=tokens, done=done, step=s.step + 1, rng=rng)
-
-        final = jax.lax.while_loop(cond, body, state)
-        return final.tokens
+        done = jnp.zeros((out.logits.shape[0],), bool)
+        return decode_loop(self.model, _variables(params), self.strategy, self.eos_ids, self.pad_id, out.cache,
+                           out.logits[:, -1], next_positions, done, rng, max_new_tokens)
 
     def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
                  rng: jax.Array | None = None) -> list[list[int]]:
@@ -129,18 +159,9 @@ class Sampler:
         The prompt batch is left-padded to a prefill bucket before ``thinker.prepare``, so new prompt
         lengths rarely recompile.
         """
-        ids = np.asarray(arrays["input_ids"])
-        mask = np.asarray(arrays.get("attention_mask", np.ones_like(ids)))
-        extra = bucket_length(ids.shape[1]) - ids.shape[1]
-        padded = dict(arrays, input_ids=np.pad(ids, ((0, 0), (extra, 0)), constant_values=self.pad_id),
-                      attention_mask=np.pad(mask, ((0, 0), (extra, 0))))
-        inputs = thinker.prepare(**padded)
+        inputs = thinker.prepare(**pad_to_bucket(arrays, self.pad_id))
         rng = jax.random.key(0) if rng is None else rng
         return self._cut(np.asarray(self._run_thinker_jit(thinker, params, encoders, inputs, rng, max_new_tokens)))
 
     def _cut(self, tokens: np.ndarray) -> list[list[int]]:
-        results = []
-        for row in tokens.tolist():
-            cut = next((i for i, t in enumerate(row) if t in self.eos_ids), len(row))
-            results.append(row[:cut])
-        return results
+        return [cut_at_eos(row, self.eos_ids) for row in tokens.tolist()]

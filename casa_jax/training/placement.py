@@ -9,7 +9,7 @@ global array.
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -71,11 +71,6 @@ def rules_from_config(pairs: Sequence[Sequence[Any]] | None) -> tuple:
         name, axes = pair
         out.append((str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes))
     return tuple(out)
-
-
-def shardings_of(tree: Mapping) -> Any:
-    """The current ``.sharding`` of every array in ``tree`` (what a jit's in/out shardings should be)."""
-    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def _dict_keys(path) -> tuple[str, ...]:
