@@ -15,16 +15,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from casa_jax.model.audio_encoder import AudioEncoder
 from casa_jax.model.config import TextConfig
 from casa_jax.model.encoder_config import AudioConfig, VisionConfig
 from casa_jax.model.text_decoder import CausalLM, init_inputs
-from casa_jax.model.vision_encoder import VisionEncoder
-from casa_jax.model.vision_layout import window_capacity
+from casa_jax.model.thinker import init_encoders
 from casa_jax.sharding import DEFAULT_RULES, fit_spec
 
 # Cloud TPU slices: (JAX devices, HBM GiB per device). v5p and v4 expose one device per chip (megacore).
@@ -45,15 +42,9 @@ def configs_from(config) -> tuple[TextConfig, VisionConfig | None, AudioConfig |
 def _abstract(text, vision, audio, lora_rank: int = 0) -> dict[str, Any]:
     text = text.replace(lora_rank=lora_rank) if lora_rank else text
     out = {"decoder": jax.eval_shape(lambda: CausalLM(text).init(jax.random.key(0), *init_inputs()))}
-    if vision is not None:
-        n = window_capacity(vision) * vision.merge_unit  # one full window slot
-        out["vision"] = jax.eval_shape(lambda: VisionEncoder(vision).init(
-            jax.random.key(0), np.zeros((n, vision.patch_dim), np.float32), np.arange(n), np.zeros((n, 2), np.int32),
-            np.zeros(n, np.int32), np.zeros(n, np.int32), np.arange(n // vision.merge_unit)))
-    if audio is not None:
-        out["audio"] = jax.eval_shape(lambda: AudioEncoder(audio).init(
-            jax.random.key(0), np.zeros((1, audio.chunk_frames, audio.num_mel_bins), np.float32),
-            np.ones(1, np.int32), np.zeros(4, np.int32), np.zeros(4, np.int32)))
+    if vision is not None and audio is not None:
+        encoders = jax.eval_shape(lambda: init_encoders(vision, audio, jax.random.key(0), unbox=False))
+        out["vision"], out["audio"] = {"params": encoders["visual"]}, {"params": encoders["audio_tower"]}
     return out
 
 

@@ -21,7 +21,7 @@ EXPECTED = {"casa": ("unsafe", "safe"), "ssft": ("refused", "answered"), "circui
 @pytest.fixture(scope="module")
 def heldout_prompts():
     """Two harmful and two benign prompts from the held-out part of the default split."""
-    _, heldout = split_examples(["harmful_advbench"], ["benign_freshqa", "benign_mtbench"], 300, 100,
+    _, heldout = split_examples(["harmful_advbench"], ["benign_freshqa", "benign_mtbench"], 300, 40,
                                 DEFAULT_REFUSAL, 120, 0)
     harmful = [e.prompt for e in heldout if e.harmful][:2]
     benign = [e.prompt for e in heldout if not e.harmful][:2]

@@ -1,6 +1,7 @@
 """Evaluation: splits by id, suites, metrics, and python -m casa_jax.evaluate end to end on a tiny CASA
 model (suites and --prompts=FILE), with the report's fields present and consistent."""
 
+import collections
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 
 from casa_jax.data.prompts_io import load_prompts
 from casa_jax.eval.metrics import auroc
-from casa_jax.eval.splits import split_of
+from casa_jax.eval.splits import prompt_key, split_of, split_of_record
 from casa_jax.eval.suites import build_items, items_from_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,12 +26,21 @@ def test_splits_are_stable_disjoint_and_sized():
     assert 0.7 < share["train"] < 0.9 and 0.05 < share["test"] < 0.15
 
 
-def test_training_never_sees_test_prompts():
+def test_training_uses_train_and_validation_splits_only():
     from casa_jax.casa.data import split_examples
-    train, heldout = split_examples(["harmful_advbench"], ["benign_freshqa"], 50, 10, "No.", 200, 0)
-    test_prompts = {r["prompt"] for n in ("harmful_advbench", "benign_freshqa") for r in load_prompts(n)
-                    if split_of(r["id"]) == "test"}
-    assert not test_prompts & {e.prompt for e in train + heldout}
+    from casa_jax.data.prompts_io import BENIGN, HARMFUL
+    train, heldout = split_examples(HARMFUL, BENIGN, 50, 10, ("No.", "Sorry."), 200, 0, benign_ratio=1.6)
+    split = {prompt_key(r["prompt"]): split_of_record(r) for n in HARMFUL + BENIGN for r in load_prompts(n)}
+    assert {split[prompt_key(e.prompt)] for e in train} == {"train"}
+    assert {split[prompt_key(e.prompt)] for e in heldout} == {"validation"}
+    assert sum(e.harmful for e in train) == 50 and sum(not e.harmful for e in train) == 80  # ratio 1.6
+    assert {e.target for e in train if e.harmful} == {"No.", "Sorry."}
+    # A prompt shared by two sets under two ids (JBB reuses AdvBench requests) gets one split.
+    shared = collections.defaultdict(set)
+    for n in HARMFUL + BENIGN:
+        for r in load_prompts(n):
+            shared[prompt_key(r["prompt"])].add(split_of_record(r))
+    assert all(len(s) == 1 for s in shared.values())
 
 
 def test_suites_deterministic_and_labelled():
@@ -42,7 +52,7 @@ def test_suites_deterministic_and_labelled():
     suites = {i.suite for i in a}
     assert suites == {"text", "jailbreak", "prefill_2", "prefill_4", "prefill_9", "prefill_12", "figstep", "benign"}
     assert all(i.harmful for i in a if i.suite != "benign") and not any(i.harmful for i in a if i.suite == "benign")
-    assert all(split_of(i.id.split("@")[0]) == "test" for i in a)
+    assert all(split_of_record({"id": i.id.split("@")[0], "prompt": i.request}) == "test" for i in a)
     assert all(i.image is not None and i.modality == "image" for i in a if i.suite == "figstep")
     with pytest.raises(ValueError, match="unknown suites"):
         build_items(["telepathy"], 1)

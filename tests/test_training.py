@@ -105,7 +105,7 @@ def test_gradient_accumulation_equals_full_batch(problem):
 def _train_cmd(workdir, *extra):
     return [sys.executable, "-m", "casa_jax.train", f"--config={CONFIG}:casa", f"--workdir={workdir}",
             "--config.num_train_steps=40", "--config.checkpoint_every_steps=10", "--config.log_every_steps=1",
-            "--config.eval_every_steps=20", "--config.data.per_class=80", "--config.data.heldout_per_class=20",
+            "--config.eval_every_steps=20", "--config.data.num_harmful=80", "--config.data.heldout_per_class=20",
             *extra]
 
 
@@ -176,8 +176,8 @@ def test_tfds_grain_pipeline_resumes_exactly(tmp_path):
     straight = tmp_path / "straight"
     r = subprocess.run(_train_cmd(straight, *extra), capture_output=True, text=True, cwd=ROOT, env=ONE_DEVICE)
     assert r.returncode == 0, r.stderr[-3000:]
-    files = [n for n in os.listdir(tfds_dir / "casa_prompts" / "1.0.0") if ".array_record" in n]
-    assert files, os.listdir(tfds_dir / "casa_prompts" / "1.0.0")
+    files = [n for n in os.listdir(tfds_dir / "casa_prompts" / "2.0.0") if ".array_record" in n]
+    assert files, os.listdir(tfds_dir / "casa_prompts" / "2.0.0")
 
     stopped = tmp_path / "stopped"
     proc = subprocess.Popen(_train_cmd(stopped, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -194,7 +194,20 @@ def test_tfds_grain_pipeline_resumes_exactly(tmp_path):
     r = subprocess.run(_train_cmd(stopped, *extra), capture_output=True, text=True, cwd=ROOT, env=ONE_DEVICE)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _losses(stopped) == _losses(straight)
-    probe = subprocess.run([sys.executable, "-c", "import sys; from casa_jax.data.tfds_prompts import prepare; "
-                            f"src = prepare({str(tfds_dir)!r}); print(len(src), 'tensorflow' in sys.modules)"],
-                           capture_output=True, text=True, cwd=ROOT)
-    assert probe.stdout.split() == ["1595", "False"], probe.stdout + probe.stderr[-2000:]  # no TensorFlow
+    probe = subprocess.run([sys.executable, "-c", PROBE.format(str(tfds_dir))], capture_output=True, text=True,
+                           cwd=ROOT)
+    sizes = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else probe.stderr[-2000:]
+    # Every vendored prompt once, in exactly one split, roughly 80/10/10; TensorFlow never imported.
+    assert sizes["total"] == sizes["distinct_prompts"] == 1595 and not sizes["tensorflow"], sizes
+    assert 0.75 < sizes["train"] / 1595 < 0.85 and 0.07 < sizes["test"] / 1595 < 0.13, sizes
+
+
+PROBE = """
+import json, sys
+from casa_jax.data.tfds_prompts import decode, prepare
+rows = {{s: [decode(r) for r in prepare({0!r}, s)] for s in ("train", "validation", "test")}}
+prompts = {{" ".join(r["prompt"].lower().split()) for part in rows.values() for r in part}}
+out = {{s: len(v) for s, v in rows.items()}}
+out.update(total=sum(out.values()), distinct_prompts=len(prompts), tensorflow="tensorflow" in sys.modules)
+print(json.dumps(out))
+"""

@@ -1,64 +1,78 @@
 """Text-only training mixtures from the vendored prompt sets: harmful -> refusal, benign -> answer.
 
-Harmful examples always target a refusal. Benign targets are a fixed acknowledgement (``template``,
-for tiny models and tests) or the base model's own greedy answer (``self``: self-distillation keeps the
-model's helpfulness instead of teaching it one canned reply).
+Splits come from ``casa_jax.eval.splits``: training examples from ``train``, the held-out examples the
+trainer evaluates on from ``validation``; ``test`` is kept for ``python -m casa_jax.evaluate``.
+
+Harmful targets are refusals: one of a configurable set of templates, or (``model_refusals``) the base
+model's own reply under the safety prompt where the keyword judge calls it a refusal. Benign targets are
+a fixed acknowledgement (``template``, for tiny models and tests) or the base model's own greedy answer
+(``self_answers``: self-distillation keeps the model's helpfulness instead of teaching it one canned
+reply). The paper mixes about 6.2k harmful with 10k benign prompts (``benign_ratio`` about 1.6).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import os
 import random
-from typing import Sequence
+from typing import Callable, Sequence
 
 from casa_jax.casa.examples import Example
 from casa_jax.data.prompts_io import load_prompts
 
 BENIGN_TEMPLATE = "Sure, here is a helpful answer."
+PAPER_BENIGN_RATIO = 10_000 / 6_200
+
+AnswerFn = Callable[..., list]  # (prompts, safety_prompt=False) -> replies
 
 
-def _prompts(names: Sequence[str], max_chars: int) -> list[str]:
-    """Prompts of the train split (by id; the test split is kept for evaluation), de-duplicated."""
-    from casa_jax.eval.splits import split_of
+def split_prompts(names: Sequence[str], split: str, max_chars: int) -> list[str]:
+    """De-duplicated prompts of ``split`` (train / validation / test) from the named sets."""
+    from casa_jax.eval.splits import prompt_key, split_of_record
     seen, out = set(), []
     for name in names:
         for record in load_prompts(name):
-            if split_of(record["id"]) == "test":
-                continue
             text = record["prompt"].strip()
-            key = " ".join(text.lower().split())
-            if key not in seen and len(text) <= max_chars:
+            key = prompt_key(text)
+            if key not in seen and len(text) <= max_chars and split_of_record(record) == split:
                 seen.add(key)
                 out.append(text)
     return out
 
 
-def split_examples(harmful_sets: Sequence[str], benign_sets: Sequence[str], per_class: int, heldout_per_class: int,
-                   refusal: str, max_chars: int = 200, seed: int = 0) -> tuple[list[Example], list[Example]]:
-    """(train, held-out) examples, balanced per class, de-duplicated across sets, shuffled with ``seed``;
-    prompts of the evaluation test split (``casa_jax.eval.splits``) are never used.
-
-    Benign targets are ``BENIGN_TEMPLATE``; replace them with ``self_answers`` for real models.
-    """
+def split_examples(harmful_sets: Sequence[str], benign_sets: Sequence[str], num_harmful: int, heldout_per_class: int,
+                   refusals: str | Sequence[str], max_chars: int = 200, seed: int = 0,
+                   benign_ratio: float = 1.0) -> tuple[list[Example], list[Example]]:
+    """(train, held-out) examples: ``num_harmful`` harmful and ``round(benign_ratio * num_harmful)`` benign
+    prompts from the train split, ``heldout_per_class`` of each from the validation split; shuffled with
+    ``seed``. Harmful targets cycle through ``refusals``; benign targets are ``BENIGN_TEMPLATE``."""
     rng = random.Random(seed)
-    harmful, benign = _prompts(harmful_sets, max_chars), _prompts(benign_sets, max_chars)
-    need = per_class + heldout_per_class
-    for name, pool, sets in (("harmful", harmful, harmful_sets), ("benign", benign, benign_sets)):
-        if len(pool) < need:
-            raise ValueError(f"only {len(pool)} {name} prompts of <= {max_chars} characters in {list(sets)}; "
-                             f"need {need} (per_class + heldout_per_class)")
-    rng.shuffle(harmful)
-    rng.shuffle(benign)
+    refusals = [refusals] if isinstance(refusals, str) else list(refusals)
+    if not refusals:
+        raise ValueError("need at least one refusal template")
+    num_benign = round(benign_ratio * num_harmful)
+    pools = {}
+    for split, sizes in (("train", (num_harmful, num_benign)), ("validation", (heldout_per_class,) * 2)):
+        for kind, sets, need in (("harmful", harmful_sets, sizes[0]), ("benign", benign_sets, sizes[1])):
+            pool = split_prompts(sets, split, max_chars)
+            if len(pool) < need:
+                raise ValueError(f"only {len(pool)} {kind} prompts of <= {max_chars} characters in the {split} split "
+                                 f"of {list(sets)}; need {need} (lower the count or add sets)")
+            rng.shuffle(pool)
+            pools[split, kind] = pool[:need]
 
-    def make(h, b):
-        rows = [Example(p, True, refusal) for p in h] + [Example(p, False, BENIGN_TEMPLATE) for p in b]
+    def make(split):
+        rows = [Example(p, True, refusals[i % len(refusals)]) for i, p in enumerate(pools[split, "harmful"])]
+        rows += [Example(p, False, BENIGN_TEMPLATE) for p in pools[split, "benign"]]
         rng.shuffle(rows)
         return rows
 
-    return (make(harmful[:per_class], benign[:per_class]),
-            make(harmful[per_class:need], benign[per_class:need]))
+    return make("train"), make("validation")
 
 
-def self_answers(examples: Sequence[Example], answer_fn) -> list[Example]:
+def self_answers(examples: Sequence[Example], answer_fn: AnswerFn) -> list[Example]:
     """Benign targets replaced by ``answer_fn(prompts) -> replies`` (e.g. the base model's greedy answers)."""
     benign = [i for i, e in enumerate(examples) if not e.harmful]
     replies = answer_fn([examples[i].prompt for i in benign])
@@ -66,3 +80,42 @@ def self_answers(examples: Sequence[Example], answer_fn) -> list[Example]:
     for i, reply in zip(benign, replies):
         out[i] = Example(out[i].prompt, False, reply)
     return out
+
+
+def model_refusals(examples: Sequence[Example], answer_fn: AnswerFn) -> tuple[list[Example], int]:
+    """Harmful targets replaced by the model's own reply under the safety prompt where that reply is a
+    refusal (keyword judge); other rows keep their template. Returns (examples, number replaced)."""
+    from casa_jax.casa.refusal import is_refusal
+    harmful = [i for i, e in enumerate(examples) if e.harmful]
+    replies = answer_fn([examples[i].prompt for i in harmful], safety_prompt=True)
+    out, replaced = list(examples), 0
+    for i, reply in zip(harmful, replies):
+        if reply.strip() and is_refusal(reply):
+            out[i] = Example(out[i].prompt, True, reply.strip())
+            replaced += 1
+    return out, replaced
+
+
+def cached_targets(path: str, key: dict, build: Callable[[], tuple[list[Example], list[Example]]],
+                   write: bool = True) -> tuple[list[Example], list[Example]]:
+    """``build()``'s (train, held-out) examples, cached as JSON at ``path`` under a hash of ``key`` (what
+    decides them: base model, sets, counts, target kinds). Distilling answers is the slow part of a
+    restart; a changed key rebuilds. Written atomically (by one process: ``write``)."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    if os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                cached = json.load(f)
+            if cached.get("key") == digest:
+                return tuple([Example(**e) for e in cached[part]] for part in ("train", "heldout"))
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable or from another version: rebuild
+    train, heldout = build()
+    if not write:
+        return train, heldout
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump({"key": digest, "train": [dataclasses.asdict(e) for e in train],
+                   "heldout": [dataclasses.asdict(e) for e in heldout]}, f)
+    os.replace(tmp, path)
+    return train, heldout

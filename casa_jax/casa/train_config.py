@@ -39,8 +39,12 @@ def default_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
     c.grad_clip = 1.0
     c.data = ml_collections.ConfigDict(dict(
         harmful_sets=("harmful_advbench",), benign_sets=("benign_freshqa", "benign_mtbench"),
-        per_class=300, heldout_per_class=100, max_chars=120, max_length=128,
-        benign_target="template",  # template | self (the base model's own greedy answers)
+        # num_harmful harmful + round(benign_ratio * num_harmful) benign training prompts (train split; the
+        # paper's mixture is ~6.2k : 10k, ratio 1.6), heldout_per_class of each from the validation split.
+        num_harmful=300, benign_ratio=1.0, heldout_per_class=40, max_chars=120, max_length=128,
+        benign_target="self",  # template | self (the base model's own greedy answers: self-distillation)
+        harmful_target="template",  # template (refusal_templates) | model (its own refusal under the safety prompt)
+        refusal_templates=(),  # empty: (casa.refusal_template,)
         self_answer_tokens=64,
         # memory: the vendored sets streamed from RAM; tfds: the casa_prompts TFDS dataset (array_record,
         # built once into tfds_data_dir, default $TFDS_DATA_DIR or ~/tensorflow_datasets) read by grain

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from casa_jax.casa.checkpoint import TrainedModel, load_trained, save_trained
 from casa_jax.casa.config import CasaConfig
-from casa_jax.casa.data import self_answers, split_examples
+from casa_jax.casa.data import cached_targets, model_refusals, self_answers, split_examples
 from casa_jax.casa.examples import build_batch, render_prompt
 from casa_jax.casa.lora import init_lora
 from casa_jax.casa.objectives import CircuitBreakerConfig, ObjectiveSetup, trainable_parts
@@ -123,13 +123,41 @@ def _base(config):
     return base.spec, base.params, base.encoders, load_tokenizer(config.base), sidecar_dir(config.base)
 
 
+def _examples(config, casa_cfg, spec, params, tokenizer, workdir: str, write: bool):
+    """(train, held-out) examples with their targets (distilled ones cached in ``workdir/targets.json``)."""
+    data = config.data
+    for name, value, allowed in (("benign_target", data.benign_target, ("template", "self")),
+                                 ("harmful_target", data.harmful_target, ("template", "model"))):
+        if value not in allowed:
+            raise ConfigError(f"--config.data.{name}={value!r}; expected one of {allowed}")
+    refusals = tuple(data.refusal_templates) or (casa_cfg.refusal_template,)
+
+    def build():
+        train, heldout = split_examples(data.harmful_sets, data.benign_sets, data.num_harmful, data.heldout_per_class,
+                                        refusals, data.max_chars, config.seed, data.benign_ratio)
+        if data.benign_target == "template" and data.harmful_target == "template":
+            return train, heldout
+        answer = _greedy_answers(spec, params, tokenizer, data.self_answer_tokens)
+        if data.benign_target == "self":
+            train, heldout = self_answers(train, answer), self_answers(heldout, answer)
+        if data.harmful_target == "model":
+            (train, n_train), (heldout, _) = model_refusals(train, answer), model_refusals(heldout, answer)
+            log.info("harmful targets: %d of %d are the model's own refusals under the safety prompt", n_train,
+                     sum(e.harmful for e in train))
+        return train, heldout
+
+    key = {"base": os.path.abspath(config.base) if config.base != "tiny" else "tiny", "data": data.to_dict(),
+           "refusals": refusals, "seed": config.seed}
+    return cached_targets(os.path.join(workdir, "targets.json"), key, build, write)
+
+
 def _greedy_answers(spec, params, tokenizer, max_new_tokens: int):
     from casa_jax.model.text_decoder import CausalLM
     from casa_jax.sampling.sampler import Sampler
 
-    def answer(prompts):
+    def answer(prompts, safety_prompt: bool = False):
         sampler = Sampler(CausalLM(spec.text), eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id or 0)
-        ids = [render_prompt(tokenizer, p) for p in prompts]
+        ids = [render_prompt(tokenizer, p, safety_prompt) for p in prompts]
         out = []
         for i in tqdm(range(0, len(ids), 16), desc="self answers", unit="batch"):
             out += sampler.generate(params, ids[i:i + 16], max_new_tokens)
@@ -168,15 +196,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     spec = spec.__class__(text=text, model_type=spec.model_type, hf_config=spec.hf_config)
 
     data = config.data
-    train_examples, heldout = split_examples(data.harmful_sets, data.benign_sets, data.per_class,
-                                             data.heldout_per_class, casa_cfg.refusal_template, data.max_chars,
-                                             config.seed)
-    if data.benign_target == "self":
-        answer = _greedy_answers(spec, params, tokenizer, data.self_answer_tokens)
-        train_examples, heldout = self_answers(train_examples, answer), self_answers(heldout, answer)
-    elif data.benign_target != "template":
-        raise ConfigError(f"--config.data.benign_target={data.benign_target!r}; expected 'template' or 'self'")
-
+    train_examples, heldout = _examples(config, casa_cfg, spec, params, tokenizer, workdir, writer_process)
     _check_lengths(tokenizer, train_examples + heldout, data.max_length, casa_cfg.safety_prompt)
 
     key = jax.random.key(config.seed)

@@ -2,9 +2,10 @@
 pipeline over it with a checkpointable iterator.
 
 ``casa_prompts`` holds every vendored harmful/benign prompt once (de-duplicated), with its label and
-source set (one split, ``prompts``). Training picks its examples by index (``split_examples`` decides which) and grain shuffles,
-repeats, shards per process and batches them; ``iterator.get_state()`` is a small JSON dict that the
-trainer stores in its checkpoints.
+source set, in deterministic ``train`` / ``validation`` / ``test`` splits by id (``casa_jax.eval.splits``:
+no prompt in two splits). Training picks its examples from ``train`` by index (``split_examples`` decides
+which) and grain shuffles, repeats, shards per process and batches them; ``iterator.get_state()`` is a
+small JSON dict that the trainer stores in its checkpoints.
 """
 
 from __future__ import annotations
@@ -15,13 +16,15 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from casa_jax.data.prompts_io import BENIGN, HARMFUL, load_prompts
+from casa_jax.eval.splits import SPLIT_NAMES, prompt_key, split_of_record
 
 
 class CasaPrompts(tfds.core.GeneratorBasedBuilder):
-    """Harmful and benign requests (no responses) from the vendored sets; one split, ``prompts``."""
+    """Harmful and benign requests (no responses) from the vendored sets; splits train/validation/test."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "AdvBench, HarmBench, JBB, MT-Bench, FreshQA, WritingBench, refusal-scorer prompts."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {"1.0.0": "AdvBench, HarmBench, JBB, MT-Bench, FreshQA, WritingBench, refusal-scorer prompts.",
+                     "2.0.0": "train / validation / test splits by id (80/10/10) instead of one 'prompts' split."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=__doc__, features=tfds.features.FeaturesDict({
@@ -30,25 +33,27 @@ class CasaPrompts(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager  # everything is vendored in the package: no download
-        return {"prompts": self._generate_examples()}
+        return {split: self._generate_examples(split) for split in SPLIT_NAMES}
 
-    def _generate_examples(self):
+    def _generate_examples(self, split: str):
         seen = set()
         for name in HARMFUL + BENIGN:
             for record in load_prompts(name):
-                key = " ".join(record["prompt"].lower().split())
-                if key in seen:
+                key = prompt_key(record["prompt"])
+                if key in seen or split_of_record(record) != split:
                     continue
                 seen.add(key)
                 yield record["id"], {"id": record["id"], "prompt": record["prompt"].strip(), "source": name,
                                      "harmful": int(record["label"] == "harmful")}
 
 
-def prepare(data_dir: str | None = None):
-    """Build (once) and return the ``prompts`` split as a random-access data source."""
+def prepare(data_dir: str | None = None, split: str = "train"):
+    """Build (once) and return one split as a random-access data source."""
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"casa_prompts has no split {split!r}; expected one of {SPLIT_NAMES}")
     builder = CasaPrompts(data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
-    return builder.as_data_source()["prompts"]
+    return builder.as_data_source()[split]
 
 
 def decode(record: dict) -> dict:

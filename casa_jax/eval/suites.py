@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from casa_jax.attacks import audio, images, text
 from casa_jax.data.prompts_io import read_jsonl, load_prompts
-from casa_jax.eval.splits import split_of
+from casa_jax.eval.splits import split_of_record
 
 SUITES = ("text", "jailbreak", "prefill", "figstep", "typo", "spoken", "spelling", "benign")
 MODALITY = {"text": "text", "jailbreak": "text", "prefill": "text", "benign": "text", "figstep": "image",
@@ -28,12 +28,19 @@ class Item:
 
     @property
     def modality(self) -> str:
-        return MODALITY.get(self.suite, "text")
+        """The suite's modality; for other items (benchmark loaders, files) the media the item carries."""
+        if self.suite in MODALITY:
+            return MODALITY[self.suite]
+        return "image" if self.image is not None else "audio" if self.audio is not None else "text"
 
 
 def test_prompts(names: Sequence[str], limit: int) -> list[dict]:
-    rows = [r for n in names for r in load_prompts(n) if split_of(r["id"]) == "test"]
-    return sorted(rows, key=lambda r: r["id"])[:limit]
+    """The first ``limit`` test-split prompts (by id) of the named sets, each prompt once."""
+    from casa_jax.eval.splits import prompt_key
+    rows = {}
+    for r in (r for n in names for r in load_prompts(n) if split_of_record(r) == "test"):
+        rows.setdefault(prompt_key(r["prompt"]), r)
+    return sorted(rows.values(), key=lambda r: r["id"])[:limit]
 
 
 def _keyword(prompt: str) -> str:

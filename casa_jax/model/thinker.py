@@ -212,3 +212,20 @@ class Thinker:
         return self.decoder.apply(variables, None, inputs.positions, inputs.attention_mask, cache=cache,
                                   inputs_embeds=embeds, hidden_layers=tuple(hidden_layers),
                                   return_logits=return_logits)
+
+
+def init_encoders(vision: VisionConfig, audio: AudioConfig, key: jax.Array, unbox: bool = True) -> dict:
+    """Random ``{"visual", "audio_tower"}`` encoder params (flax's default initialisers), e.g. for tiny
+    demo thinkers; ``unbox=False`` keeps the logical-axis boxes (sizing under ``jax.eval_shape``)."""
+    import flax.linen as nn
+
+    from casa_jax.model.vision_layout import window_capacity
+    n = window_capacity(vision) * vision.merge_unit  # one full window slot of patches
+    visual = VisionEncoder(vision).init(
+        jax.random.fold_in(key, 0), np.zeros((n, vision.patch_dim), np.float32), np.arange(n),
+        np.zeros((n, 2), np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32), np.arange(n // vision.merge_unit))
+    tower = AudioEncoder(audio).init(
+        jax.random.fold_in(key, 1), np.zeros((1, audio.chunk_frames, audio.num_mel_bins), np.float32),
+        np.ones(1, np.int32), np.zeros(4, np.int32), np.zeros(4, np.int32))
+    trees = {"visual": visual["params"], "audio_tower": tower["params"]}
+    return nn.unbox(trees) if unbox else trees
