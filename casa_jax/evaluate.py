@@ -21,12 +21,11 @@ import os
 from absl import app, flags
 
 from casa_jax.cli import exit_on_bad_input, quiet_libraries
-
-DEFAULT_SUITES = ["text", "jailbreak", "prefill", "benign", "figstep", "typo", "spoken", "spelling"]
+from casa_jax.eval.run import DEFAULT_SUITES, evaluate, print_summary, report_name
 
 flags.DEFINE_multi_string("ckpt_dir", None, "Checkpoint(s) to evaluate (repeat the flag).", required=True)
 flags.DEFINE_string("workdir", os.path.join("workdir", "eval"), "Where reports are written.")
-flags.DEFINE_list("suites", DEFAULT_SUITES, "Attack suites to run (empty: none, e.g. with --benchmark).")
+flags.DEFINE_list("suites", list(DEFAULT_SUITES), "Attack suites to run (empty: none, e.g. with --benchmark).")
 flags.DEFINE_string("prompts", None, "JSONL file of {\"prompt\", \"label\"} records, instead of --suites.")
 flags.DEFINE_multi_string("benchmark", [], "name:ROOT of a public benchmark on disk (mmsafetybench, jailbreakv, "
                           "safebench); repeat the flag.")
@@ -36,72 +35,6 @@ flags.DEFINE_bool("safety_prompt", False, "Prepend MM-SafetyBench's safety promp
 flags.DEFINE_string("judge", "keyword", "keyword, or llm:<ckpt_dir>[:template] (mmsafetybench|harmbench|llamaguard).")
 flags.DEFINE_integer("seed", 0, "Attack-builder seed.")
 FLAGS = flags.FLAGS
-
-
-def benchmark_items(specs, limit: int):
-    """Items of ``name:ROOT`` benchmark specs (``casa_jax.eval.benchmarks``)."""
-    from casa_jax.eval.benchmarks import BENCHMARKS, load_benchmark
-    from casa_jax.processing import InputError
-    items = []
-    for spec in specs:
-        name, sep, root = spec.partition(":")
-        if not sep or not root:
-            raise InputError(f"--benchmark={spec!r}: expected NAME:ROOT with NAME one of {BENCHMARKS}")
-        items += load_benchmark(name, root, limit=limit)
-    return items
-
-
-def evaluate(ckpt_dir: str, workdir: str, suites=(), prompts_file=None, per_suite=20, max_new_tokens=32,
-             safety_prompt=False, seed=0, benchmarks=(), judge=None, progress: bool = True) -> dict:
-    """Run one checkpoint over the chosen items, write its report into ``workdir``, return the report."""
-    from casa_jax.attacks.audio import espeak_available
-    from casa_jax.eval.judges import KeywordJudge
-    from casa_jax.eval.report import run_items, summarize, write_report
-    from casa_jax.eval.suites import MODALITY, build_items, items_from_file
-    from casa_jax.sampling.chat import _loaded
-    model, tokenizer = _loaded(ckpt_dir)
-    judge = judge or KeywordJudge()
-    skipped, runnable = {}, []
-    text_only = f"needs a Qwen2.5-Omni thinker checkpoint ({model.spec.model_type} is text-only)"
-    for suite in ([] if prompts_file else suites):
-        modality = MODALITY.get(suite)
-        if modality in ("image", "audio") and not model.spec.is_thinker:
-            skipped[suite] = f"{modality} {text_only}"
-        elif modality == "audio" and not espeak_available():
-            skipped[suite] = "espeak-ng is not installed"
-        else:
-            runnable.append(suite)
-    items = items_from_file(prompts_file) if prompts_file else build_items(runnable, per_suite, tokenizer, seed)
-    for item in benchmark_items(benchmarks, per_suite):
-        if item.modality != "text" and not model.spec.is_thinker:
-            skipped[item.suite] = f"{item.modality} {text_only}"
-        else:
-            items.append(item)
-    results = run_items(ckpt_dir, items, max_new_tokens=max_new_tokens, safety_prompt=safety_prompt,
-                        progress=progress, judge=judge)
-    report = summarize(results, ckpt_dir, skipped, judge.name)
-    write_report(report, results, workdir)
-    return report
-
-
-def report_name(ckpt_dir: str) -> str:
-    """A short name for a checkpoint's report: its folder, or the train workdir's for ``.../checkpoint``."""
-    name = os.path.basename(os.path.normpath(ckpt_dir)) or "checkpoint"
-    if name == "checkpoint":
-        name = os.path.basename(os.path.dirname(os.path.normpath(ckpt_dir)))
-    return name
-
-
-def print_summary(reports: dict, workdir: str) -> None:
-    from casa_jax.eval.report import _fmt
-    for name, report in reports.items():
-        print(f"== {name} (judge: {report['judge']})")
-        for row in report["suites"]:
-            print(f"  {row['suite']:<18} {row['modality']:<6} n={row['n']:<4} ASR {_fmt(row['asr']):>7}  "
-                  f"over-refusal {_fmt(row['over_refusal']):>7}")
-        for suite, why in report["skipped"].items():
-            print(f"  {suite:<18} skipped: {why}")
-        print(f"  report: {os.path.join(workdir, name, 'report.md')}")
 
 
 def main(argv):

@@ -62,7 +62,24 @@ def test_padding_helpers():
 
 
 def test_demo_end_to_end(tmp_path):
+    """The README's main job, shortened: every suite and modality gets a row for every model."""
+    import json
+
+    from casa_jax.attacks.audio import espeak_available
     from casa_jax.demo import run
-    result = run(str(tmp_path / "demo"), casa_steps=20)  # the mechanics; verdict quality is tested elsewhere
-    assert result["round_trip_exact"] and len(result["replies"]) == 2
-    assert [r.verdict in ("safe", "unsafe") for r in result["verdicts"]] == [True, True]
+    workdir = tmp_path / "demo"
+    result = run(str(workdir), casa_steps=20, baseline_steps=10, per_suite=2, max_new_tokens=4)
+    assert result["round_trip_exact"]
+    assert sum(result["data"]["sizes"].values()) == 1595
+    assert list(result["reports"]) == ["base", "casa", "ssft", "circuit_breaker"]
+    audio = espeak_available()
+    for name, report in result["reports"].items():
+        rows = {(r["suite"], r["modality"]) for r in report["suites"]}
+        expected = {("text", "text"), ("jailbreak", "text"), ("benign", "text"), ("figstep", "image"),
+                    ("typo", "image")} | {(f"prefill_{n}", "text") for n in (2, 4, 9, 12)}
+        expected |= {("spoken", "audio"), ("spelling", "audio")} if audio else set()
+        assert rows == expected, (name, rows)
+        assert json.load(open(workdir / "eval" / name / "report.json"))["n_items"] == report["n_items"]
+    assert result["reports"]["casa"]["safety_token"]["accuracy"] is not None
+    table = (workdir / "report.md").read_text()
+    assert "random-initialised tiny model" in table and "| figstep | image |" in table

@@ -130,10 +130,10 @@ def circuit_breaker_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainB
     ref = setup.decoder.apply({"params": frozen["params"]}, batch.input_ids, positions, batch.attention_mask,
                               hidden_layers=layers, return_logits=False).hidden_states
     ours, ref = ours.astype(jnp.float32), jax.lax.stop_gradient(ref.astype(jnp.float32))  # [n, B, T, E]
-    tokens = batch.attention_mask.astype(jnp.float32)[None]  # [1, B, T]
+    cos = cosine(ours, ref)  # [n, B, T]
+    tokens = jnp.broadcast_to(batch.attention_mask.astype(jnp.float32)[None], cos.shape)  # every layer's tokens
     harmful = batch.label.astype(jnp.float32)[None, :, None]
-    cos = cosine(ours, ref)
-    reroute_mask, retain_mask = tokens * harmful, tokens * (1 - harmful)
+    reroute_mask, retain_mask = tokens * harmful, tokens * (1 - harmful)  # means over layers and tokens
     reroute = jnp.sum(jax.nn.relu(cos) * reroute_mask) / jnp.maximum(jnp.sum(reroute_mask), 1.0)
     distance = _norm(ours - ref) / (_norm(ref) if cb.retain_norm == "relative" else 1.0)
     retain = jnp.sum(distance * retain_mask) / jnp.maximum(jnp.sum(retain_mask), 1.0)

@@ -110,17 +110,13 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
     sampler = _cached(Sampler, CausalLM(model.spec.text), eos_ids=eos, pad_id=pad, strategy=strategy)
     variables = {"params": model.params, **({"lora": model.lora} if model.lora is not None else {})}
     if has_media:
-        if model.lora is not None:
-            raise NotImplementedError("images/audio with a LoRA-trained (SSFT / Circuit Breakers) model: merge "
-                                      "the adapters first")
-        arrays = dict(arrays)
-        outs = sampler.generate_multimodal(thinker, model.params, model.encoders, arrays, max_new_tokens, rng)
+        outs = sampler.generate_multimodal(thinker, variables, model.encoders, dict(arrays), max_new_tokens, rng)
     else:
         full = [i + p for i, p in zip(ids, prefill_ids)]
         outs = sampler.generate(variables, full, max_new_tokens, rng)
     cosines = [None] * len(prompts)
-    if model.objective == "circuit_breaker" and not has_media:
-        cosines = prompt_cosines(model, ids)
+    if model.objective == "circuit_breaker":
+        cosines = prompt_cosines(model, ids, thinker, arrays, pad)
     replies = []
     for prompt, prefix, out, cos in zip(prompts, prefill_texts, outs, cosines):
         text = prefix + tokenizer.decode(out, skip_special_tokens=True)
@@ -135,24 +131,31 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
 CB_REROUTED_BELOW = 0.5  # mean cosine under which a Circuit-Breaker model counts as having rerouted
 
 
-def prompt_cosines(model, prompt_ids) -> list[float]:
+def prompt_cosines(model, prompt_ids, thinker=None, arrays=None, pad_id: int = 0) -> list[float]:
     """Mean cosine similarity, over each prompt's tokens and the Circuit-Breaker layers, between the
-    adapted model's hidden states and the frozen (LoRA-free) model's."""
+    adapted model's hidden states and the frozen (LoRA-free) model's. With ``thinker`` and processor
+    ``arrays`` the prompts (images, audio) go through the thinker."""
     import numpy as np
 
     from casa_jax.casa.objectives import CircuitBreakerConfig, cosine
     from casa_jax.model.rope import positions_from_mask
     from casa_jax.model.text_decoder import CausalLM
-    from casa_jax.sampling.sampler import bucket_length, left_pad
+    from casa_jax.sampling.sampler import bucket_length, left_pad, pad_to_bucket
 
     cb = CircuitBreakerConfig(**model.meta_circuit_breaker) if model.meta_circuit_breaker else CircuitBreakerConfig()
     layers = cb.resolved_layers(model.spec.text.num_hidden_layers)
-    ids, mask = left_pad(prompt_ids, bucket_length(max(map(len, prompt_ids))))
-    decoder = CausalLM(model.spec.text)
-    run = lambda v: decoder.apply(v, ids, positions_from_mask(mask), mask, hidden_layers=layers,  # noqa: E731
-                                  return_logits=False).hidden_states
-    ours, ref = run({"params": model.params, "lora": model.lora}), run({"params": model.params})
-    cos = np.asarray(cosine(ours, ref).mean(0))  # [B, T]
+    if thinker is not None and arrays is not None:
+        inputs = thinker.prepare(**pad_to_bucket(dict(arrays), pad_id))
+        mask = np.asarray(inputs.attention_mask)
+        run = lambda lora: thinker(model.params, model.encoders, inputs, hidden_layers=layers,  # noqa: E731
+                                   return_logits=False, lora=lora).hidden_states
+    else:
+        ids, mask = left_pad(prompt_ids, bucket_length(max(map(len, prompt_ids))))
+        decoder = CausalLM(model.spec.text)
+        run = lambda lora: decoder.apply({"params": model.params, **({"lora": lora} if lora else {})}, ids,  # noqa: E731
+                                         positions_from_mask(mask), mask, hidden_layers=layers,
+                                         return_logits=False).hidden_states
+    cos = np.asarray(cosine(run(model.lora), run(None)).mean(0))  # [B, T]
     return [float(cos[b][mask[b] == 1].mean()) for b in range(len(prompt_ids))]
 
 

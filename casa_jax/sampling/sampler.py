@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from casa_jax.model.kv_cache import KVCache
+from casa_jax.model.layers import LORA_COLLECTION
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM
 from casa_jax.sampling.strategies import Greedy
@@ -136,7 +137,8 @@ class Sampler:
         max(prompt positions) + 1 on all three M-RoPE streams (= real tokens + rope delta)."""
         batch, length = inputs.input_ids.shape
         cache = KVCache.for_config(self.model.config, batch, length + max_new_tokens)
-        out = thinker(params, encoders, inputs, cache=cache)
+        variables = _variables(params)
+        out = thinker(variables["params"], encoders, inputs, cache=cache, lora=variables.get(LORA_COLLECTION))
         return self._decode(params, out, next_decode_positions(inputs), rng, max_new_tokens)
 
     def _decode(self, params, out, next_positions, rng, max_new_tokens: int):
@@ -154,7 +156,8 @@ class Sampler:
 
     def generate_multimodal(self, thinker, params, encoders, arrays: dict, max_new_tokens: int = 32,
                             rng: jax.Array | None = None) -> list[list[int]]:
-        """Like ``generate``, for processor outputs (``OmniProcessor`` arrays: left-padded ids, media).
+        """Like ``generate``, for processor outputs (``OmniProcessor`` arrays: left-padded ids, media);
+        ``params`` may be a variables dict with the decoder's LoRA collection.
 
         The prompt batch is left-padded to a prefill bucket before ``thinker.prepare``, so new prompt
         lengths rarely recompile.
