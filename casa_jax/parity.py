@@ -127,9 +127,12 @@ def multimodal_cases(spec, image=None, audio=None, seed: int = 0) -> dict[str, d
     vision, _ = encoder_configs(spec)
     proc = OmniProcessor(None, vision)
     rng = np.random.default_rng(seed)
-    text = lambda n: rng.integers(0, min(spec.text.vocab_size, 151643) // 2, n).tolist()  # noqa: E731
     v_end = thinker_cfg.get("vision_end_token_id", tokens.vision_start_token_id + 1)
     a_end = thinker_cfg.get("audio_end_token_id", tokens.audio_start_token_id + 1)
+    special = [tokens.image_token_id, tokens.video_token_id, tokens.audio_token_id, tokens.vision_start_token_id,
+               tokens.audio_start_token_id, v_end, a_end]
+    plain = np.setdiff1d(np.arange(min(spec.text.vocab_size, 151643) // 2), special)  # never a media token
+    text = lambda n: rng.choice(plain, n).tolist()  # noqa: E731
     pieces: dict[str, tuple[list[int], dict]] = {}
     if image is not None:
         arrays = proc.images([image])

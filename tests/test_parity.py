@@ -112,3 +112,16 @@ def test_parity_cli_with_image_and_audio(hf_root, tmp_path):
     assert "PASS: 4 case(s)" in r.stdout
     bad = subprocess.run(cmd[:4] + [f"--audio={png}"], capture_output=True, text=True)
     assert bad.returncode == 2 and "picture.png: cannot read as a PCM WAV file" in bad.stderr
+
+
+def test_tiny_thinker_we_write_is_a_real_transformers_thinker(tmp_path):
+    """The demo's tiny thinker (written by casa-jax without torch) loads in transformers, and our logits
+    equal its on prompts with an image, an audio clip and both."""
+    from casa_jax.parity import run_multimodal_parity
+    from casa_jax.tiny import write_tiny_thinker_dir
+    hf_dir = write_tiny_thinker_dir(str(tmp_path / "tiny_thinker"))
+    rng = np.random.default_rng(1)
+    results = run_multimodal_parity(hf_dir, image=rng.integers(0, 256, (60, 84, 3), dtype=np.uint8),
+                                    audio=(0.2 * np.sin(np.arange(16000) / 9)).astype(np.float32))
+    assert [r.case for r in results] == ["text+image", "text+audio", "text+image+audio"]
+    assert all(r.max_abs_diff < 1e-4 for r in results), results

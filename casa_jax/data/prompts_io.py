@@ -26,9 +26,17 @@ def read_jsonl(path: str) -> Iterator[dict]:
 
 
 def load_prompts(name: str) -> list[dict]:
-    """One vendored file by stem, e.g. ``load_prompts("harmful_advbench")``."""
+    """One vendored file by stem, e.g. ``load_prompts("harmful_advbench")``, or a user's JSONL file of
+    ``{"prompt"[, "id"]}`` records (ids default to ``<file name>:<line>``)."""
+    if name.endswith(".jsonl") and os.path.isfile(name):
+        records = []
+        for number, record in enumerate(read_jsonl(name), 1):
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{name}:{number}: each record needs a string 'prompt'")
+            records.append({**record, "id": str(record.get("id", f"{os.path.basename(name)}:{number}"))})
+        return records
     path = os.path.join(PROMPTS_DIR, name + ".jsonl")
     if not os.path.isfile(path):
         known = sorted(n[:-6] for n in os.listdir(PROMPTS_DIR) if n.endswith(".jsonl"))
-        raise ValueError(f"no prompt set {name!r}; known: {known}")
+        raise ValueError(f"no prompt set {name!r}; known: {known} (or a path to a .jsonl file)")
     return list(read_jsonl(path))
