@@ -66,8 +66,9 @@ def torch_logits(hf_dir: str, spec, ids: np.ndarray, mask: np.ndarray, dtype: st
 
     from casa_jax.model.rope import positions_from_mask
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    from casa_jax.model.config import CAUSAL_LM_CLASSES
     cls = (transformers.Qwen2_5OmniThinkerForConditionalGeneration if spec.is_thinker
-           else transformers.Qwen2ForCausalLM)
+           else getattr(transformers, CAUSAL_LM_CLASSES.get(spec.model_type, "Qwen2ForCausalLM")))
     model = cls.from_pretrained(hf_dir, dtype=torch_dtype, attn_implementation="eager").eval()
     kwargs = dict(input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask))
     if not spec.is_thinker:  # the thinker derives padding-aware positions itself (get_rope_index)

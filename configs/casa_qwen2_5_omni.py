@@ -2,7 +2,7 @@
 
   python -m casa_jax.convert --hf_dir=/models/Qwen2.5-Omni-7B --out_dir=/ckpt/omni7b
   python -m casa_jax.train --config=configs/casa_qwen2_5_omni.py:casa --config.base=/ckpt/omni7b \
-      --workdir=gs://bucket/casa7b --jax_distributed        # (launch/tpu.py runs this on every worker)
+      --workdir=/work/casa7b --jax_distributed        # (launch/tpu.py runs this on every worker)
 
 Text-only training, as in the paper: every vendored harmful set against every benign set in the paper's
 proportion (about 1.6 benign per harmful), benign answers self-distilled from the base model, refusals

@@ -27,6 +27,17 @@ def make_qwen2(path: str, seed: int = 0, tie: bool = False, max_shard_size: str 
     return path
 
 
+def make_llama(path: str, seed: int = 0, tie: bool = True, rope_theta: float = 100000.0, **text) -> str:
+    """A tiny LlamaForCausalLM (SmolLM2's family: no q/k/v bias, tied embeddings, plain RoPE)."""
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(**{**TEXT, "rms_norm_eps": 1e-5, **text}, tie_word_embeddings=tie,
+                                   rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    _randomize_norms(model)
+    model.save_pretrained(path)
+    return path
+
+
 # Special tokens inside the tiny vocab (the real ones, ~151k, would not fit).
 THINKER_TOKENS = dict(audio_token_index=90, image_token_index=91, video_token_index=92, vision_start_token_id=93,
                       vision_end_token_id=94, audio_start_token_id=95, audio_end_token_id=96)

@@ -24,10 +24,14 @@ def layouts(hf_root):
                                             mrope_section=(1, 4, 1)),
     }
     d["hub_sharded"] = fx.make_hub_omni(d["thinker"], str(hf_root / "p_hub"), shards=3)
+    d["llama_tied"] = fx.make_llama(str(hf_root / "p_llama"), seed=5, num_attention_heads=3, num_key_value_heads=1)
+    d["llama_untied_head_dim"] = fx.make_llama(str(hf_root / "p_llama_hd"), seed=6, tie=False, head_dim=8,
+                                               rope_theta=500000.0)
     return d
 
 
-@pytest.mark.parametrize("layout", ["qwen2", "qwen2_tied_sharded", "thinker", "thinker_tied_odd", "hub_sharded"])
+@pytest.mark.parametrize("layout", ["qwen2", "qwen2_tied_sharded", "thinker", "thinker_tied_odd", "hub_sharded",
+                                    "llama_tied", "llama_untied_head_dim"])
 def test_logits_match_transformers(layouts, layout):
     result = run_parity(layouts[layout])
     assert result.num_tokens == 13 + 9 + 6  # a padded batch of three lengths

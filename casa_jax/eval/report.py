@@ -26,8 +26,22 @@ JUDGE = KeywordJudge.name
 EXAMPLE_CHARS = 80
 
 
+def length_batches(items: Sequence[Item], batch_size: int, max_batch_chars: int) -> list[list[Item]]:
+    """Items sorted by prompt length, cut into batches of at most ``batch_size`` items and, as padded to
+    their longest prompt, ``max_batch_chars`` characters: long jailbreak prompts go in small batches so
+    prefill attention ([B, heads, T, T]) stays bounded."""
+    batches, current = [], []
+    for item in sorted(items, key=lambda i: len(i.prompt)):
+        if current and (len(current) == batch_size or (len(current) + 1) * len(item.prompt) > max_batch_chars):
+            batches.append(current)
+            current = []
+        current.append(item)
+    return batches + ([current] if current else [])
+
+
 def run_items(ckpt_dir: str, items: Sequence[Item], batch_size: int = 16, max_new_tokens: int = 32,
-              safety_prompt: bool = False, progress: bool = True, judge: Judge | None = None) -> list[dict]:
+              safety_prompt: bool = False, progress: bool = True, judge: Judge | None = None,
+              max_batch_chars: int = 12_000) -> list[dict]:
     """One result dict per item: the response, the verdict, (CASA) p_unsafe / v_s, whether it was refused
     and, for harmful items, whether ``judge`` (default: keyword) calls it jailbroken (None: unparsed)."""
     from casa_jax.sampling.chat import chat_replies
@@ -37,9 +51,8 @@ def run_items(ckpt_dir: str, items: Sequence[Item], batch_size: int = 16, max_ne
         groups[(item.modality, bool(item.prefill))].append(item)
     bar = tqdm(total=len(items), desc=f"evaluate {os.path.basename(os.path.normpath(ckpt_dir))}", unit="prompt",
                disable=not progress)
-    for (_, _), group in groups.items():
-        for start in range(0, len(group), batch_size):
-            chunk = group[start:start + batch_size]
+    for group in groups.values():
+        for chunk in length_batches(group, batch_size, max_batch_chars):
             images = [i.image for i in chunk] if any(i.image is not None for i in chunk) else None
             audios = [i.audio for i in chunk] if any(i.audio is not None for i in chunk) else None
             replies = chat_replies(ckpt_dir, [i.prompt for i in chunk], max_new_tokens, images=images, audios=audios,

@@ -1,6 +1,7 @@
 """Model configuration: frozen dataclasses built from Hugging Face ``config.json`` files.
 
-One ``TextConfig`` describes the Qwen2.5 decoder (the language-model half of the Qwen2.5-Omni thinker).
+One ``TextConfig`` describes the Qwen2.5 decoder (the language-model half of the Qwen2.5-Omni thinker)
+and Llama-family decoders (no q/k/v bias, e.g. SmolLM2), which share its layout.
 ``ModelSpec`` wraps it with what the checkpoint layer needs to know: which Hugging Face family the
 checkpoint came from and the original ``config.json`` (kept verbatim so an export writes it back).
 """
@@ -21,7 +22,10 @@ QWEN2 = "qwen2"  # Qwen2ForCausalLM: the text fields at top level.
 OMNI_TEXT = "qwen2_5_omni_text"  # Qwen2.5-Omni text sub-config on its own.
 OMNI_THINKER = "qwen2_5_omni_thinker"  # Qwen2_5OmniThinkerForConditionalGeneration.
 OMNI = "qwen2_5_omni"  # Hub repos: the thinker nested in ``thinker_config`` (plus talker, token2wav).
-KNOWN_MODEL_TYPES = (QWEN2, OMNI_TEXT, OMNI_THINKER, OMNI)
+LLAMA = "llama"  # LlamaForCausalLM (SmolLM2 and kin): no q/k/v bias by default, plain 1-D RoPE.
+KNOWN_MODEL_TYPES = (QWEN2, OMNI_TEXT, OMNI_THINKER, OMNI, LLAMA)
+# transformers' causal-LM class for each text-only family (what parity and exports name).
+CAUSAL_LM_CLASSES = {QWEN2: "Qwen2ForCausalLM", LLAMA: "LlamaForCausalLM"}
 
 
 class ConfigError(ValueError):
@@ -162,7 +166,8 @@ def _rope_fields(cfg: Mapping[str, Any], where: str) -> tuple[float, tuple[int, 
     return float(theta), (tuple(int(s) for s in section) if section is not None else None)
 
 
-def _text_from_fields(cfg: Mapping[str, Any], tie: bool, where: str, **policy) -> TextConfig:
+def _text_from_fields(cfg: Mapping[str, Any], tie: bool, where: str, default_bias: bool = True,
+                      **policy) -> TextConfig:
     act = cfg.get("hidden_act", "silu")
     if act != "silu":
         raise ConfigError(f"{where}: hidden_act={act!r} is not supported (Qwen2.5 uses 'silu')")
@@ -185,7 +190,7 @@ def _text_from_fields(cfg: Mapping[str, Any], tie: bool, where: str, **policy) -
         rope_theta=theta,
         mrope_section=section,
         tie_word_embeddings=bool(tie),
-        attention_bias=bool(cfg.get("attention_bias", True)),
+        attention_bias=bool(cfg.get("attention_bias", default_bias)),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 32768)),
         **policy,
     )
@@ -199,6 +204,10 @@ def spec_from_hf_config(cfg: Mapping[str, Any], where: str = "config.json", **po
     model_type = cfg.get("model_type")
     if model_type == QWEN2:
         text = _text_from_fields(cfg, cfg.get("tie_word_embeddings", False), where, **policy)
+    elif model_type == LLAMA:
+        if cfg.get("mlp_bias"):
+            raise ConfigError(f"{where}: mlp_bias=true is not supported (Llama-family MLPs have no bias)")
+        text = _text_from_fields(cfg, cfg.get("tie_word_embeddings", False), where, default_bias=False, **policy)
     elif model_type == OMNI_TEXT:
         text = _text_from_fields(cfg, cfg.get("tie_word_embeddings", True), where, **policy)
     elif model_type in (OMNI_THINKER, OMNI):
@@ -233,7 +242,8 @@ def load_hf_spec(hf_dir: str, **policy) -> ModelSpec:
 
 
 def text_config_to_hf(text: TextConfig) -> dict[str, Any]:
-    """A ``qwen2`` config.json for a text config (used when exporting a model that has no original).
+    """A ``qwen2`` (or, without q/k/v bias, ``llama``) config.json for a text config (used when exporting
+    a model that has no original).
 
     Qwen2ForCausalLM has only 1-D RoPE, so an M-RoPE config cannot be described this way.
     """
@@ -259,4 +269,7 @@ def text_config_to_hf(text: TextConfig) -> dict[str, Any]:
     }
     if text.head_dim is not None:
         out["head_dim"] = text.head_dim
+    if not text.attention_bias:  # Qwen2 always has q/k/v biases: describe a bias-free decoder as Llama
+        out.update(architectures=[CAUSAL_LM_CLASSES[LLAMA]], model_type=LLAMA, attention_bias=False, mlp_bias=False)
+        del out["use_sliding_window"]
     return out

@@ -6,6 +6,8 @@ assistant prefill (placed after the safety token for CASA models).
 
 from __future__ import annotations
 
+import functools
+
 import dataclasses
 from typing import Sequence
 
@@ -139,7 +141,6 @@ def prompt_cosines(model, prompt_ids, thinker=None, arrays=None, pad_id: int = 0
 
     from casa_jax.casa.objectives import CircuitBreakerConfig, cosine
     from casa_jax.model.rope import positions_from_mask
-    from casa_jax.model.text_decoder import CausalLM
     from casa_jax.sampling.sampler import bucket_length, left_pad, pad_to_bucket
 
     cb = CircuitBreakerConfig(**model.meta_circuit_breaker) if model.meta_circuit_breaker else CircuitBreakerConfig()
@@ -147,16 +148,38 @@ def prompt_cosines(model, prompt_ids, thinker=None, arrays=None, pad_id: int = 0
     if thinker is not None and arrays is not None:
         inputs = thinker.prepare(**pad_to_bucket(dict(arrays), pad_id))
         mask = np.asarray(inputs.attention_mask)
-        run = lambda lora: thinker(model.params, model.encoders, inputs, hidden_layers=layers,  # noqa: E731
-                                   return_logits=False, lora=lora).hidden_states
+        hidden = _hidden_states_fn(thinker, layers)
+        ours, ref = hidden(model.params, model.encoders, inputs, model.lora), hidden(model.params, model.encoders,
+                                                                                     inputs, None)
     else:
         ids, mask = left_pad(prompt_ids, bucket_length(max(map(len, prompt_ids))))
-        decoder = CausalLM(model.spec.text)
-        run = lambda lora: decoder.apply({"params": model.params, **({"lora": lora} if lora else {})}, ids,  # noqa: E731
-                                         positions_from_mask(mask), mask, hidden_layers=layers,
-                                         return_logits=False).hidden_states
-    cos = np.asarray(cosine(run(model.lora), run(None)).mean(0))  # [B, T]
+        hidden = _hidden_states_fn(model.spec.text, layers)
+        positions = positions_from_mask(mask)
+        ours, ref = hidden(model.params, ids, positions, mask, model.lora), hidden(model.params, ids, positions,
+                                                                                   mask, None)
+    cos = np.asarray(cosine(ours, ref).mean(0))  # [B, T]
     return [float(cos[b][mask[b] == 1].mean()) for b in range(len(prompt_ids))]
+
+
+@functools.lru_cache(maxsize=8)
+def _hidden_states_fn(model, layers: tuple):
+    """A jitted ``(params, *inputs, lora) -> hidden_states`` of a Thinker, or of the decoder of a
+    ``TextConfig`` (cached per model and layers)."""
+    import jax
+
+    from casa_jax.model.config import TextConfig
+    from casa_jax.model.text_decoder import CausalLM
+    if isinstance(model, TextConfig):
+        decoder = CausalLM(model)
+
+        def run(params, ids, positions, mask, lora):
+            variables = {"params": params, **({"lora": lora} if lora is not None else {})}
+            return decoder.apply(variables, ids, positions, mask, hidden_layers=layers,
+                                 return_logits=False).hidden_states
+    else:
+        def run(params, encoders, inputs, lora):
+            return model(params, encoders, inputs, hidden_layers=layers, return_logits=False, lora=lora).hidden_states
+    return jax.jit(run)
 
 
 # Repeated calls (batches of an evaluation) reuse the loaded checkpoint and the samplers' compiled
