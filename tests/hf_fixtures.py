@@ -95,3 +95,79 @@ def _randomize_norms(model: torch.nn.Module) -> None:
                 p.add_(0.1 * torch.randn_like(p))
             elif name.endswith("_proj.bias"):
                 p.copy_(0.1 * torch.randn_like(p))
+
+
+def make_llama_gguf(path: str, seed: int = 0, types: dict | None = None, **text) -> str:
+    """A tiny Llama written as llama.cpp's converter writes it: ``llama.*`` metadata, a byte-level BPE
+    tokenizer (``gpt2``) with ChatML template, tensors named ``blk.N.attn_q`` ..., q/k rows permuted,
+    quantized per ``types`` (name fragment -> GGMLQuantizationType name; F32 otherwise)."""
+    import json as _json
+
+    import gguf
+
+    from casa_jax import tiny
+    tok = tiny.build_tokenizer(320)
+    cfg = {**TEXT, "vocab_size": 320, "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "rms_norm_eps": 1e-5, **text}
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        **cfg, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0})).eval()
+    _randomize_norms(model)
+    h, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+
+    def permute(w, n):  # convert_hf_to_gguf.LlamaModel.permute
+        return w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    block = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
+             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(h)
+    writer.add_head_count_kv(kv)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_freq_base(100000.0)
+    writer.add_rope_dimension_count(cfg["hidden_size"] // h)
+    writer.add_vocab_size(cfg["vocab_size"])
+    spec = _json.loads(tok.backend_tokenizer.to_str())
+    vocab = sorted(spec["model"]["vocab"].items(), key=lambda kv_: kv_[1])
+    specials = {t["content"]: t["id"] for t in spec["added_tokens"]}
+    tokens = [t for t, _ in vocab] + ["[PAD%d]" % i for i in range(cfg["vocab_size"] - len(vocab))]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in specials or t.startswith("[PAD") else 1 for t in tokens])
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]])
+    writer.add_bos_token_id(specials["<|im_start|>"])
+    writer.add_eos_token_id(specials["<|im_end|>"])
+    writer.add_pad_token_id(specials["<|endoftext|>"])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tiny.CHAT_TEMPLATE)
+    for key, value in model.state_dict().items():
+        if key == "lm_head.weight":
+            continue  # tied
+        w = value.float().numpy()
+        if key.startswith("model.layers."):
+            layer, rest = key[len("model.layers."):].split(".", 1)
+            part, kind = rest.rsplit(".", 1)
+            name = f"blk.{layer}.{block[part]}.{kind}"
+            if part == "self_attn.q_proj":
+                w = permute(w, h)
+            elif part == "self_attn.k_proj":
+                w = permute(w, kv)
+        else:
+            name = names[key]
+        qtype = next((gguf.GGMLQuantizationType[t] for frag, t in (types or {}).items() if frag in name),
+                     gguf.GGMLQuantizationType.F32)
+        data = gguf.quants.quantize(w, qtype)
+        writer.add_tensor(name, data, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -25,7 +25,7 @@ def layouts(hf_root):
     }
     d["hub_sharded"] = fx.make_hub_omni(d["thinker"], str(hf_root / "p_hub"), shards=3)
     d["llama_tied"] = fx.make_llama(str(hf_root / "p_llama"), seed=5, num_attention_heads=3, num_key_value_heads=1)
-    d["llama_untied_head_dim"] = fx.make_llama(str(hf_root / "p_llama_hd"), seed=6, tie=False, head_dim=8,
+    d["llama_untied_head_dim"] = fx.make_llama(str(hf_root / "p_llama_hd"), seed=6, tie=False, head_dim=12,
                                                rope_theta=500000.0)
     return d
 

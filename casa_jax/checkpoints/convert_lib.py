@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from casa_jax.checkpoints.hf import load_hf_checkpoint, write_hf_checkpoint
 from casa_jax.checkpoints.orbax_io import restore_checkpoint, save_checkpoint, sidecar_dir
@@ -15,6 +16,22 @@ def hf_to_ckpt(hf_dir: str, out_dir: str, param_dtype: str | None = None, overwr
 
 
 log = logging.getLogger(__name__)
+
+
+def gguf_to_ckpt(gguf_path: str, out_dir: str, param_dtype: str | None = None, overwrite: bool = False,
+                 hf_dir: str | None = None) -> None:
+    """llama.cpp GGUF file -> casa-jax checkpoint, through a Hugging Face directory (kept at ``hf_dir``
+    if given, else a temporary one): dequantized float32 weights, config and tokenizer from the file."""
+    import tempfile
+
+    from casa_jax.checkpoints.gguf_import import gguf_to_hf_dir
+    if hf_dir:
+        gguf_to_hf_dir(gguf_path, hf_dir, overwrite=overwrite)
+        hf_to_ckpt(hf_dir, out_dir, param_dtype, overwrite)
+        return
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out_dir))) as tmp:
+        gguf_to_hf_dir(gguf_path, os.path.join(tmp, "hf"))
+        hf_to_ckpt(os.path.join(tmp, "hf"), out_dir, param_dtype, overwrite)
 
 
 def ckpt_to_hf(ckpt_dir: str, export_hf_dir: str, max_shard_bytes: int, overwrite: bool = False) -> None:

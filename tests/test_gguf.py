@@ -1,0 +1,89 @@
+"""GGUF import without torch: a tiny Llama in llama.cpp's layout (F32, F16, Q8_0 and Q4_1 tensors, q/k
+rows permuted) converts to a casa-jax checkpoint whose logits equal transformers' own loading of the
+same file, with the same tokenizer and chat template."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import hf_fixtures as fx
+from casa_jax.checkpoints.hf_files import CheckpointError
+
+TYPES = {"token_embd": "Q8_0", "attn_q": "Q4_1", "attn_k": "Q8_0", "attn_v": "F16", "ffn_": "Q4_1",
+         "attn_output": "Q4_1"}
+CHAT = [{"role": "user", "content": "Give three tips for staying healthy."}]
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    return fx.make_llama_gguf(str(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"), seed=3, types=TYPES)
+
+
+@pytest.fixture(scope="module")
+def converted(gguf_file, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("gguf_ckpt") / "ckpt")
+    r = subprocess.run([sys.executable, "-m", "casa_jax.convert", f"--gguf={gguf_file}", f"--out_dir={out}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return out
+
+
+def test_file_uses_every_quantization_type(gguf_file):
+    import gguf
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(gguf_file).tensors}
+    assert kinds == {"F32", "F16", "Q8_0", "Q4_1"}
+
+
+def test_logits_and_tokens_equal_transformers_gguf_loading(gguf_file, converted):
+    import jax
+
+    from casa_jax.checkpoints.orbax_io import restore_checkpoint
+    from casa_jax.model.rope import positions_from_mask
+    from casa_jax.model.text_decoder import CausalLM
+    from casa_jax.sampling.chat import load_tokenizer
+
+    folder, name = os.path.dirname(gguf_file), os.path.basename(gguf_file)
+    ref_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    ours_tok = load_tokenizer(converted)
+    ids = ref_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert ours_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False) == ids
+    assert ours_tok.decode(ids).startswith("<|im_start|>system\nYou are a helpful assistant.")
+
+    ref = transformers.LlamaForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
+                                                        attn_implementation="eager").eval()
+    with torch.no_grad():
+        expected = ref(torch.tensor([ids])).logits.numpy()
+    loaded = restore_checkpoint(converted)
+    assert loaded.spec.model_type == "llama" and not loaded.spec.text.attention_bias
+    batch = np.asarray([ids]); mask = np.ones_like(batch)
+    got = jax.jit(lambda p: CausalLM(loaded.spec.text).apply({"params": p}, batch, positions_from_mask(mask),
+                                                              mask).logits)(loaded.params)
+    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4)
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    from casa_jax.checkpoints.gguf_import import unpermute
+    w = np.arange(24 * 5, dtype=np.float32).reshape(24, 5)  # 3 heads of 8 rows
+    permuted = w.reshape(3, 2, 4, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    np.testing.assert_array_equal(unpermute(permuted, 3), w)
+
+
+def test_bad_gguf_inputs(tmp_path):
+    from casa_jax.checkpoints.gguf_import import gguf_to_hf_dir, hf_config
+    with pytest.raises(CheckpointError, match="no such GGUF file"):
+        gguf_to_hf_dir(str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match="junk.gguf: not a readable GGUF file"):
+        gguf_to_hf_dir(str(junk), str(tmp_path / "out"))
+    with pytest.raises(CheckpointError, match="general.architecture='mamba' is not supported"):
+        hf_config({"general.architecture": "mamba"}, set(), "m.gguf")
+    with pytest.raises(CheckpointError, match="metadata key llama.feed_forward_length is missing"):
+        hf_config({"general.architecture": "llama", "llama.attention.head_count": 4,
+                   "llama.embedding_length": 64}, set(), "m.gguf")
+    assert not (tmp_path / "out").exists()
