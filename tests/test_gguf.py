@@ -87,3 +87,25 @@ def test_bad_gguf_inputs(tmp_path):
         hf_config({"general.architecture": "llama", "llama.attention.head_count": 4,
                    "llama.embedding_length": 64}, set(), "m.gguf")
     assert not (tmp_path / "out").exists()
+
+
+def test_real_model_demo_pipeline_on_a_tiny_gguf(gguf_file, tmp_path):
+    """The README's main job (``casa_jax.demos.smollm2``), shortened and on the tiny GGUF: convert, evaluate
+    the base model, train CASA and SSFT on shared distilled data, evaluate, before/after table; a second
+    run reuses the conversion and the finished training runs."""
+    import json
+
+    from casa_jax.demos import smollm2
+    small = {"batch_size": 8, "data.num_harmful": 8, "data.heldout_per_class": 4, "data.self_answer_tokens": 4,
+             "data.max_length": 256}
+    out = smollm2.run(str(tmp_path), gguf=gguf_file, casa_steps=2, ssft_steps=2, per_suite=2, benign=3,
+                      max_new_tokens=4, overrides=small)
+    assert list(out["reports"]) == ["base", "ssft", "casa"]
+    for name, report in out["reports"].items():
+        assert {r["suite"] for r in report["suites"]} == set(smollm2.TEXT_ATTACKS) | {"benign"}, name
+    assert "| benign (over-refusal) | text |" in out["table"] and set(out["goal"]) >= {"relative_reduction", "met"}
+    targets = json.load(open(tmp_path / "targets.json"))
+    assert sum(not e["harmful"] for e in targets["train"]) == round(8 * 10_000 / 6_200)  # shared by CASA and SSFT
+    assert not (tmp_path / "casa" / "targets.json").exists() and (tmp_path / "report.md").exists()
+    assert not smollm2._convert_once(gguf_file, str(tmp_path / "base"))  # reused
+    assert smollm2._finished(str(tmp_path / "casa"), 2)["step"] == 2

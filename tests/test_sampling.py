@@ -66,7 +66,7 @@ def test_demo_end_to_end(tmp_path):
     import json
 
     from casa_jax.attacks.audio import espeak_available
-    from casa_jax.demo import run
+    from casa_jax.demos.tiny_thinker import run
     workdir = tmp_path / "demo"
     result = run(str(workdir), casa_steps=20, baseline_steps=10, per_suite=2, max_new_tokens=4)
     assert result["round_trip_exact"]

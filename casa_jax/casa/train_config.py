@@ -50,6 +50,7 @@ def default_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
         # built once into tfds_data_dir, default $TFDS_DATA_DIR or ~/tensorflow_datasets) read by grain
         source="memory"))
     c.data.tfds_data_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data.targets_file = ""  # where examples + targets are cached ("": <workdir>/targets.json)
     c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=tuple(LORA_TARGETS)))
     c.casa = ml_collections.ConfigDict(CasaConfig().to_dict())
     c.casa.threshold = ml_collections.FieldReference(None, field_type=float)
@@ -66,4 +67,28 @@ def tiny_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
     # The random tiny model's hidden states have norms ~0.2, so the paper's absolute L2 retain term is too
     # weak to keep benign representations; the scale-free form balances it against the cosine term.
     config.circuit_breaker.retain_norm = "relative"
+    return config
+
+
+def smollm2_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
+    """CASA / SSFT on SmolLM2-135M-Instruct sized for 2 CPU cores (``configs/casa_smollm2.py``, the demo):
+    short prompts, harmful AdvBench + HarmBench against four benign sets at the paper's 1.6 ratio, benign
+    answers self-distilled from the base model."""
+    from casa_jax.casa.data import PAPER_BENIGN_RATIO
+    config = default_train_config(objective)
+    config.base = ""  # required: a converted checkpoint (the demo converts the GGUF file itself)
+    config.batch_size = 8
+    config.num_train_steps = 80
+    config.warmup_steps = 5
+    config.learning_rate = 1e-3
+    config.log_every_steps = 10
+    config.eval_every_steps = 80
+    config.checkpoint_every_steps = 40
+    data = config.data
+    data.harmful_sets = ("harmful_advbench", "harmful_harmbench")
+    data.benign_sets = ("benign_freshqa", "benign_mtbench", "benign_jbb", "benign_refusal_scorer")
+    data.num_harmful, data.benign_ratio, data.heldout_per_class = 120, PAPER_BENIGN_RATIO, 24
+    data.max_chars, data.max_length = 120, 96
+    data.benign_target, data.harmful_target = "self", "template"
+    data.self_answer_tokens = 48
     return config

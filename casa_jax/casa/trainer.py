@@ -124,7 +124,8 @@ def _base(config):
 
 
 def _examples(config, casa_cfg, spec, params, tokenizer, workdir: str, write: bool):
-    """(train, held-out) examples with their targets (distilled ones cached in ``workdir/targets.json``)."""
+    """(train, held-out) examples with their targets, cached in ``data.targets_file`` (default
+    ``workdir/targets.json``; runs that share it, e.g. CASA and SSFT on one base, distill once)."""
     data = config.data
     for name, value, allowed in (("benign_target", data.benign_target, ("template", "self")),
                                  ("harmful_target", data.harmful_target, ("template", "model"))):
@@ -148,7 +149,7 @@ def _examples(config, casa_cfg, spec, params, tokenizer, workdir: str, write: bo
 
     key = {"base": os.path.abspath(config.base) if config.base != "tiny" else "tiny", "data": data.to_dict(),
            "refusals": refusals, "seed": config.seed}
-    return cached_targets(os.path.join(workdir, "targets.json"), key, build, write)
+    return cached_targets(data.targets_file or os.path.join(workdir, "targets.json"), key, build, write)
 
 
 def _greedy_answers(spec, params, tokenizer, max_new_tokens: int):

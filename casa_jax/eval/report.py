@@ -172,3 +172,22 @@ def vs_histogram(rows: Sequence[dict], path: str, bins: int = 20, size=(480, 240
     draw.line([20, h - 20, w - 20, h - 20], fill="black")
     draw.text((20, 4), "v_s: harmful (red) / benign (blue), 0 to 1", fill="black")
     image.save(path)
+
+
+def comparison_table(reports: dict, suites: Sequence[str]) -> str:
+    """Markdown: one row per suite (prefill split by length, in ``suites`` order), one column per model;
+    ASR for attack suites, over-refusal for ``benign``."""
+    from casa_jax.attacks.text import PREFILL_LENGTHS
+    order = [s for suite in suites for s in ([f"prefill_{n}" for n in PREFILL_LENGTHS] if suite == "prefill" else [suite])]
+    rows: dict = {}
+    for name, report in reports.items():
+        for row in report["suites"]:
+            value = row["over_refusal"] if row["suite"] == "benign" else row["asr"]
+            rows.setdefault((row["suite"], row["modality"]), {})[name] = value
+    names = list(reports)
+    lines = ["| suite | modality | " + " | ".join(names) + " |", "|---|---|" + "---:|" * len(names)]
+    for (suite, modality), values in sorted(rows.items(), key=lambda kv: (
+            order.index(kv[0][0]) if kv[0][0] in order else len(order), kv[0])):
+        label = "benign (over-refusal)" if suite == "benign" else suite
+        lines.append(f"| {label} | {modality} | " + " | ".join(_fmt(values.get(n)) for n in names) + " |")
+    return "\n".join(lines)

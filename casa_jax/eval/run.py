@@ -22,7 +22,8 @@ def benchmark_items(specs, limit: int):
 
 
 def evaluate(ckpt_dir: str, workdir: str, suites=(), prompts_file=None, per_suite=20, max_new_tokens=32,
-             safety_prompt=False, seed=0, benchmarks=(), judge=None, progress: bool = True) -> dict:
+             safety_prompt=False, seed=0, benchmarks=(), judge=None, progress: bool = True,
+             benign_limit: int | None = None) -> dict:
     """Run one checkpoint over the chosen items, write its report into ``workdir``, return the report."""
     from casa_jax.attacks.audio import espeak_available
     from casa_jax.eval.judges import KeywordJudge
@@ -41,7 +42,7 @@ def evaluate(ckpt_dir: str, workdir: str, suites=(), prompts_file=None, per_suit
             skipped[suite] = "espeak-ng is not installed"
         else:
             runnable.append(suite)
-    items = items_from_file(prompts_file) if prompts_file else build_items(runnable, per_suite, tokenizer, seed)
+    items = items_from_file(prompts_file) if prompts_file else build_items(runnable, per_suite, tokenizer, seed, benign_limit)
     for item in benchmark_items(benchmarks, per_suite):
         if item.modality != "text" and not model.spec.is_thinker:
             skipped[item.suite] = f"{item.modality} {text_only}"

@@ -4,6 +4,7 @@ prompts of the vendored sets, or from a user's JSONL file of {"prompt", "label"}
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any, Sequence
 
 from casa_jax.attacks import audio, images, text
@@ -35,12 +36,20 @@ class Item:
 
 
 def test_prompts(names: Sequence[str], limit: int) -> list[dict]:
-    """The first ``limit`` test-split prompts (by id) of the named sets, each prompt once."""
+    """``limit`` test-split prompts of the named sets, each prompt once, taken from the sets in turn
+    (each set sorted by id) so every set is represented."""
     from casa_jax.eval.splits import prompt_key
-    rows = {}
-    for r in (r for n in names for r in load_prompts(n) if split_of_record(r) == "test"):
-        rows.setdefault(prompt_key(r["prompt"]), r)
-    return sorted(rows.values(), key=lambda r: r["id"])[:limit]
+    seen, per_set = set(), []
+    for name in names:
+        rows = []
+        for r in sorted(load_prompts(name), key=lambda r: r["id"]):
+            key = prompt_key(r["prompt"])
+            if split_of_record(r) == "test" and key not in seen:
+                seen.add(key)
+                rows.append(r)
+        per_set.append(rows)
+    interleaved = [r for group in itertools.zip_longest(*per_set) for r in group if r is not None]
+    return interleaved[:limit]
 
 
 def _keyword(prompt: str) -> str:
@@ -48,7 +57,7 @@ def _keyword(prompt: str) -> str:
     return max(words, key=len)
 
 
-def build_items(suites: Sequence[str], per_suite: int, tokenizer=None, seed: int = 0,
+def build_items(suites: Sequence[str], per_suite: int, tokenizer=None, seed: int = 0, benign_limit: int | None = None,
                 harmful_sets: Sequence[str] = ("harmful_advbench", "harmful_harmbench"),
                 benign_sets: Sequence[str] = ("benign_freshqa", "benign_mtbench", "benign_refusal_scorer")
                 ) -> list[Item]:
@@ -59,7 +68,7 @@ def build_items(suites: Sequence[str], per_suite: int, tokenizer=None, seed: int
     items: list[Item] = []
     for suite in suites:
         if suite == "benign":
-            items += [Item(r["id"], suite, False, r["prompt"], r["prompt"]) for r in test_prompts(benign_sets, per_suite)]
+            items += [Item(r["id"], suite, False, r["prompt"], r["prompt"]) for r in test_prompts(benign_sets, benign_limit or per_suite)]
             continue
         for r in harmful:
             p = r["prompt"]
