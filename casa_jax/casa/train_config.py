@@ -54,6 +54,9 @@ def default_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
     c.lora = ml_collections.ConfigDict(dict(rank=8, alpha=16.0, dropout=0.0, targets=tuple(LORA_TARGETS)))
     c.casa = ml_collections.ConfigDict(CasaConfig().to_dict())
     c.casa.threshold = ml_collections.FieldReference(None, field_type=float)
+    # CASA: after training, set casa.threshold to the balanced-accuracy threshold on the held-out
+    # (validation) prompts (casa_jax/casa/calibration.py); False keeps argmax (or casa.threshold).
+    c.calibrate_threshold = False
     c.circuit_breaker = ml_collections.ConfigDict(dict(layers=(), alpha=5.0, retain_norm="absolute"))
     return c
 
@@ -78,17 +81,21 @@ def smollm2_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
     config = default_train_config(objective)
     config.base = ""  # required: a converted checkpoint (the demo converts the GGUF file itself)
     config.batch_size = 8
-    config.num_train_steps = 80
+    config.num_train_steps = 100
     config.warmup_steps = 5
     config.learning_rate = 1e-3
     config.log_every_steps = 10
-    config.eval_every_steps = 80
-    config.checkpoint_every_steps = 40
+    config.eval_every_steps = 100
+    config.checkpoint_every_steps = 50
+    # One safety-token CE per example against ~12 refusal/answer tokens of LM loss: weigh the decision up.
+    config.casa.safety_loss_weight = 4.0
     data = config.data
     data.harmful_sets = ("harmful_advbench", "harmful_harmbench")
     data.benign_sets = ("benign_freshqa", "benign_mtbench", "benign_jbb", "benign_refusal_scorer")
-    data.num_harmful, data.benign_ratio, data.heldout_per_class = 120, PAPER_BENIGN_RATIO, 24
+    data.num_harmful, data.benign_ratio = 200, PAPER_BENIGN_RATIO
     data.max_chars, data.max_length = 120, 96
     data.benign_target, data.harmful_target = "self", "template"
     data.self_answer_tokens = 48
+    data.heldout_per_class = 40  # the validation split: held-out metrics and the threshold calibration
+    config.calibrate_threshold = True
     return config

@@ -10,6 +10,7 @@ casa_jax.generate``). The step runs sharded over a ``data x fsdp x tensor`` mesh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -314,6 +315,32 @@ def train(config, workdir: str, progress: bool = True) -> dict:
                          meta_circuit_breaker={"layers": list(setup.circuit_breaker.resolved_layers(text.num_hidden_layers)),
                                                "alpha": setup.circuit_breaker.alpha,
                                                "retain_norm": setup.circuit_breaker.retain_norm} if objective == "circuit_breaker" else None)
-    save_trained(os.path.join(workdir, CHECKPOINT_DIR), model, tokenizer, sidecar_from=sidecar, overwrite=True)
-    log.info("saved %s", os.path.join(workdir, CHECKPOINT_DIR))
+    out_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    save_trained(out_dir, model, tokenizer, sidecar_from=sidecar, overwrite=True)
+    if objective == "casa" and config.get("calibrate_threshold"):
+        threshold, balanced = _calibrate(out_dir, heldout, data.max_length)
+        model = dataclasses.replace(model, casa=dataclasses.replace(casa_cfg, threshold=threshold))
+        save_trained(out_dir, model, tokenizer, sidecar_from=sidecar, overwrite=True)
+        record = {"step": steps, "calibrated_threshold": threshold, "calibration_balanced_accuracy": balanced}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        final = {**final, **record}
+        log.info("safety threshold calibrated on %d held-out prompts: p_unsafe >= %.4f (balanced accuracy %.3f)",
+                 len(heldout), threshold, balanced)
+    log.info("saved %s", out_dir)
     return final
+
+
+def _calibrate(ckpt_dir: str, heldout, max_length: int) -> tuple[float, float]:
+    """The balanced-accuracy threshold on the held-out (validation) prompts, through the same conditional
+    sampler evaluation uses; returns (threshold, balanced accuracy at it)."""
+    from casa_jax.casa.calibration import balanced_threshold
+    from casa_jax.sampling.chat import chat_replies, clear_cache
+    clear_cache()
+    replies = chat_replies(ckpt_dir, [e.prompt for e in heldout], max_new_tokens=1)
+    clear_cache()
+    harmful = [r.p_unsafe for r, e in zip(replies, heldout) if e.harmful]
+    benign = [r.p_unsafe for r, e in zip(replies, heldout) if not e.harmful]
+    threshold = balanced_threshold(harmful, benign)
+    balanced = (np.mean(np.asarray(harmful) >= threshold) + np.mean(np.asarray(benign) < threshold)) / 2
+    return threshold, float(balanced)

@@ -97,7 +97,7 @@ def goal_check(reports: dict, method: str = "casa") -> dict:
             and refusal <= GOAL_OVER_REFUSAL}
 
 
-def run(workdir: str, gguf: str | None = None, casa_steps: int = 80, ssft_steps: int = 80, per_suite: int = 20,
+def run(workdir: str, gguf: str | None = None, casa_steps: int = 100, ssft_steps: int = 100, per_suite: int = 20,
         benign: int = 60, max_new_tokens: int = 48, overrides: dict | None = None) -> dict:
     from casa_jax.eval.report import _fmt, comparison_table
     from casa_jax.eval.run import evaluate
