@@ -87,8 +87,10 @@ def smollm2_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
     config.log_every_steps = 10
     config.eval_every_steps = 100
     config.checkpoint_every_steps = 50
-    # One safety-token CE per example against ~12 refusal/answer tokens of LM loss: weigh the decision up.
+    # One safety-token CE per example against ~12 refusal/answer tokens of LM loss: weigh the decision up,
+    # and keep the safety head's learning rate low enough that v_s does not saturate at 0 or 1.
     config.casa.safety_loss_weight = 4.0
+    config.safety_learning_rate = 3e-3
     data = config.data
     data.harmful_sets = ("harmful_advbench", "harmful_harmbench")
     data.benign_sets = ("benign_freshqa", "benign_mtbench", "benign_jbb", "benign_refusal_scorer")
