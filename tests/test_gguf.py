@@ -33,6 +33,14 @@ def converted(gguf_file, tmp_path_factory):
     return out
 
 
+def test_conversion_never_imports_torch(gguf_file, tmp_path):
+    """The package's own GGUF path (weights and tokenizer) runs where torch is not installed."""
+    code = ("import sys; from casa_jax.checkpoints.convert_lib import gguf_to_ckpt; "
+            f"gguf_to_ckpt({gguf_file!r}, {str(tmp_path / 'new' / 'ckpt')!r}); print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "False", r.stdout + r.stderr[-2000:]
+
+
 def test_file_uses_every_quantization_type(gguf_file):
     import gguf
     kinds = {t.tensor_type.name for t in gguf.GGUFReader(gguf_file).tensors}

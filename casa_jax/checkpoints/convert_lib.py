@@ -29,7 +29,9 @@ def gguf_to_ckpt(gguf_path: str, out_dir: str, param_dtype: str | None = None, o
         gguf_to_hf_dir(gguf_path, hf_dir, overwrite=overwrite)
         hf_to_ckpt(hf_dir, out_dir, param_dtype, overwrite)
         return
-    with tempfile.TemporaryDirectory(dir=os.path.dirname(os.path.abspath(out_dir))) as tmp:
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent) as tmp:  # beside the output: same filesystem, no /tmp limits
         gguf_to_hf_dir(gguf_path, os.path.join(tmp, "hf"))
         hf_to_ckpt(os.path.join(tmp, "hf"), out_dir, param_dtype, overwrite)
 

@@ -128,7 +128,7 @@ def gguf_to_hf_dir(gguf_path: str, out_dir: str, overwrite: bool = False) -> dic
     reader = _reader(gguf_path)
     meta = metadata(reader)
     config = hf_config(meta, {t.name for t in reader.tensors}, gguf_path)
-    tokenizer = gguf_tokenizer(gguf_path)
+    tokenizer = gguf_tokenizer(gguf_path, reader)
     if config["vocab_size"] is None:
         config["vocab_size"] = len(tokenizer)
     with hf_files.atomic_directory(out_dir, overwrite=overwrite) as tmp:
@@ -138,11 +138,35 @@ def gguf_to_hf_dir(gguf_path: str, out_dir: str, overwrite: bool = False) -> dic
     return config
 
 
-def gguf_tokenizer(gguf_path: str):
-    """The file's tokenizer and chat template, built by transformers from the GGUF metadata."""
-    from transformers import AutoTokenizer
+TOKENIZER_ARRAYS = ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type",
+                    "tokenizer.ggml.scores")
+
+
+def gguf_tokenizer(gguf_path: str, reader=None):
+    """The file's tokenizer and chat template from its ``tokenizer.*`` metadata, built by transformers'
+    GGUF tokenizer converter (the same one ``AutoTokenizer.from_pretrained(..., gguf_file=...)`` uses) but
+    fed by the ``gguf`` reader, so no torch is needed."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import (
+        _SPECIAL_TOKENS, GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer)
+    reader = reader or _reader(gguf_path)
+    meta = metadata(reader)
+    for key in TOKENIZER_ARRAYS:
+        if key in reader.fields:
+            meta[key] = reader.fields[key].contents()
+    if "tokenizer.ggml.tokens" not in meta:
+        raise CheckpointError(f"{gguf_path}: no tokenizer.ggml.tokens in its metadata; cannot build a tokenizer")
+    grouped = {group: {name: meta[f"tokenizer.{key}"] for key, name in renames.items() if f"tokenizer.{key}" in meta}
+               for group, renames in GGUF_TOKENIZER_MAPPING.items()}
+    tokenizer_dict, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    if tokenizer_dict.get("tokenizer_type") == "llama":
+        config.setdefault("add_bos_token", True)  # as transformers does for sentencepiece files without the flag
+    for name, key in _SPECIAL_TOKENS.items():
+        token_id = meta.get(f"tokenizer.ggml.{key}")
+        config[name] = tokenizer_dict["tokens"][token_id] if token_id is not None else None
     try:
-        return AutoTokenizer.from_pretrained(os.path.dirname(os.path.abspath(gguf_path)),
-                                             gguf_file=os.path.basename(gguf_path))
-    except (ValueError, KeyError, OSError) as e:
+        backend, extra = convert_gguf_tokenizer(meta["general.architecture"], tokenizer_dict)
+    except (ValueError, KeyError, NotImplementedError) as e:
         raise CheckpointError(f"{gguf_path}: cannot build a tokenizer from its metadata ({e})") from e
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **{k: v for k, v in {**config, **extra}.items()
+                                                                if v is not None})
