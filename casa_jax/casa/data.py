@@ -20,7 +20,6 @@ import random
 from typing import Callable, Sequence
 
 from casa_jax.casa.examples import Example
-from casa_jax.data.prompts_io import load_prompts
 
 BENIGN_TEMPLATE = "Sure, here is a helpful answer."
 PAPER_BENIGN_RATIO = 10_000 / 6_200
@@ -30,16 +29,9 @@ AnswerFn = Callable[..., list]  # (prompts, safety_prompt=False) -> replies
 
 def split_prompts(names: Sequence[str], split: str, max_chars: int) -> list[str]:
     """De-duplicated prompts of ``split`` (train / validation / test) from the named sets."""
-    from casa_jax.eval.splits import prompt_key, split_of_record
-    seen, out = set(), []
-    for name in names:
-        for record in load_prompts(name):
-            text = record["prompt"].strip()
-            key = prompt_key(text)
-            if key not in seen and len(text) <= max_chars and split_of_record(record) == split:
-                seen.add(key)
-                out.append(text)
-    return out
+    from casa_jax.eval.splits import unique_split_records
+    short = lambda r: len(r["prompt"].strip()) <= max_chars  # noqa: E731
+    return [r["prompt"].strip() for _, r in unique_split_records(names, split, keep=short)]
 
 
 def split_examples(harmful_sets: Sequence[str], benign_sets: Sequence[str], num_harmful: int, heldout_per_class: int,

@@ -15,8 +15,8 @@ from typing import Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
-from casa_jax.data.prompts_io import BENIGN, HARMFUL, load_prompts
-from casa_jax.eval.splits import SPLIT_NAMES, prompt_key, split_of_record
+from casa_jax.data.prompts_io import BENIGN, HARMFUL
+from casa_jax.eval.splits import SPLIT_NAMES, unique_split_records
 
 
 class CasaPrompts(tfds.core.GeneratorBasedBuilder):
@@ -36,15 +36,9 @@ class CasaPrompts(tfds.core.GeneratorBasedBuilder):
         return {split: self._generate_examples(split) for split in SPLIT_NAMES}
 
     def _generate_examples(self, split: str):
-        seen = set()
-        for name in HARMFUL + BENIGN:
-            for record in load_prompts(name):
-                key = prompt_key(record["prompt"])
-                if key in seen or split_of_record(record) != split:
-                    continue
-                seen.add(key)
-                yield record["id"], {"id": record["id"], "prompt": record["prompt"].strip(), "source": name,
-                                     "harmful": int(record["label"] == "harmful")}
+        for name, record in unique_split_records(HARMFUL + BENIGN, split):
+            yield record["id"], {"id": record["id"], "prompt": record["prompt"].strip(), "source": name,
+                                 "harmful": int(record["label"] == "harmful")}
 
 
 def prepare(data_dir: str | None = None, split: str = "train"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from typing import Callable, Iterator, Sequence
 
 SPLITS = (("train", 80), ("validation", 10), ("test", 10))  # percent
 SPLIT_NAMES = tuple(name for name, _ in SPLITS)
@@ -48,3 +49,18 @@ def canonical_id(record: dict) -> str:
 def split_of_record(record: dict) -> str:
     """The split of a ``{"id", "prompt"}`` record (every copy of a prompt gets the same one)."""
     return split_of(canonical_id(record))
+
+
+def unique_split_records(names: Sequence[str], split: str, keep: Callable[[dict], bool] = lambda r: True,
+                         sort_by_id: bool = False) -> Iterator[tuple[str, dict]]:
+    """(set name, record) for the records of ``split`` in the named sets, in set order (each set sorted by
+    id if asked), skipping records ``keep`` rejects and every later copy of a prompt (``prompt_key``)."""
+    from casa_jax.data.prompts_io import load_prompts
+    seen: set[str] = set()
+    for name in names:
+        records = load_prompts(name)
+        for record in sorted(records, key=lambda r: r["id"]) if sort_by_id else records:
+            key = prompt_key(record["prompt"])
+            if key not in seen and keep(record) and split_of_record(record) == split:
+                seen.add(key)
+                yield name, record

@@ -8,8 +8,7 @@ import itertools
 from typing import Any, Sequence
 
 from casa_jax.attacks import audio, images, text
-from casa_jax.data.prompts_io import read_jsonl, load_prompts
-from casa_jax.eval.splits import split_of_record
+from casa_jax.data.prompts_io import read_jsonl
 
 SUITES = ("text", "jailbreak", "prefill", "figstep", "typo", "spoken", "spelling", "benign")
 MODALITY = {"text": "text", "jailbreak": "text", "prefill": "text", "benign": "text", "figstep": "image",
@@ -38,17 +37,11 @@ class Item:
 def test_prompts(names: Sequence[str], limit: int) -> list[dict]:
     """``limit`` test-split prompts of the named sets, each prompt once, taken from the sets in turn
     (each set sorted by id) so every set is represented."""
-    from casa_jax.eval.splits import prompt_key
-    seen, per_set = set(), []
-    for name in names:
-        rows = []
-        for r in sorted(load_prompts(name), key=lambda r: r["id"]):
-            key = prompt_key(r["prompt"])
-            if split_of_record(r) == "test" and key not in seen:
-                seen.add(key)
-                rows.append(r)
-        per_set.append(rows)
-    interleaved = [r for group in itertools.zip_longest(*per_set) for r in group if r is not None]
+    from casa_jax.eval.splits import unique_split_records
+    per_set: dict[str, list[dict]] = {name: [] for name in names}
+    for name, record in unique_split_records(names, "test", sort_by_id=True):
+        per_set[name].append(record)
+    interleaved = [r for group in itertools.zip_longest(*per_set.values()) for r in group if r is not None]
     return interleaved[:limit]
 
 
