@@ -91,7 +91,8 @@ def _truncate_metrics(path: str, step: int) -> None:
         f.writelines(kept)
 
 
-def _last_record(path: str) -> dict:
+def last_record(path: str) -> dict:
+    """The last record of a ``metrics.jsonl`` ({} if there is none)."""
     if not os.path.isfile(path):
         return {}
     lines = [line for line in open(path) if line.strip()]
@@ -261,7 +262,7 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     if writer_process:
         _truncate_metrics(metrics_path, start)
     preempted = _PreemptionFlag()
-    final: dict = _last_record(metrics_path)
+    final: dict = last_record(metrics_path)
     t0 = time.time()
     writer = _tensorboard(workdir)
     try:

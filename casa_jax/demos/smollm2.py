@@ -49,12 +49,11 @@ def _convert_once(gguf: str, base: str) -> bool:
 
 def _finished(workdir: str, steps: int) -> dict | None:
     """The last metrics of a finished run in ``workdir`` with ``steps`` steps, else None."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isdir(os.path.join(workdir, "checkpoint")) or not os.path.isfile(path):
+    from casa_jax.casa.trainer import last_record
+    if not os.path.isdir(os.path.join(workdir, "checkpoint")):
         return None
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return records[-1] if records and records[-1].get("step") == steps else None
+    record = last_record(os.path.join(workdir, "metrics.jsonl"))
+    return record if record.get("step") == steps else None
 
 
 def _train_once(objective: str, base: str, workdir: str, steps: int, targets_file: str, overrides: dict) -> dict:
@@ -68,12 +67,7 @@ def _train_once(objective: str, base: str, workdir: str, steps: int, targets_fil
     config.base, config.num_train_steps = base, steps
     config.eval_every_steps = config.checkpoint_every_steps = steps
     config.data.targets_file = targets_file
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)  # e.g. {"data.num_harmful": 8}
     return train(config, workdir, progress=True)
 
 
