@@ -89,18 +89,26 @@ def tiny_spec(model: dict | None = None) -> ModelSpec:
     return ModelSpec(text=text, model_type="qwen2", hf_config=text_config_to_hf(text))
 
 
+def random_params(text: TextConfig, seed: int = TINY_SEED) -> dict:
+    """Randomly initialised decoder params (NumPy) for ``text``: the tiny default's weights."""
+    import flax.linen as nn
+    import numpy as np
+
+    from casa_jax.model.text_decoder import CausalLM, init_inputs
+    params = nn.unbox(CausalLM(text).init(jax.random.key(seed), *init_inputs())["params"])
+    return jax.tree.map(np.asarray, params)
+
+
 def write_tiny_hf_dir(out_dir: str, model: dict | None = None, seed: int = TINY_SEED,
                       overwrite: bool = False) -> str:
     """A Hugging Face directory (safetensors, config.json, tokenizer) of a random tiny model."""
     import tempfile
 
-    import flax.linen as nn
 
     from casa_jax.checkpoints.hf import write_hf_checkpoint
-    from casa_jax.model.text_decoder import CausalLM, init_inputs
 
     spec = tiny_spec(model)
-    params = nn.unbox(CausalLM(spec.text).init(jax.random.key(seed), *init_inputs())["params"])
+    params = random_params(spec.text, seed)
     with tempfile.TemporaryDirectory() as sidecar:
         tokenizer = build_tokenizer(spec.text.vocab_size)
         if len(tokenizer) > spec.text.vocab_size:

@@ -28,7 +28,7 @@ PROMPTS = ["Write a haiku about the sea.", "How do I learn a new language?",
 def casa_model():
     """The tiny model with safety tokens, random non-zero LoRA and a random safety head."""
     spec = tiny.tiny_spec()
-    params = jax.tree.map(np.asarray, nn.unbox(CausalLM(spec.text).init(jax.random.key(0), *init_inputs())["params"]))
+    params = tiny.random_params(spec.text, seed=0)
     tokenizer = tiny.build_tokenizer(spec.text.vocab_size)
     cfg = CasaConfig()
     base_embed = params["embed_tokens"]["embedding"].copy()

@@ -21,7 +21,6 @@ from casa_jax.casa.objectives import ObjectiveSetup
 from casa_jax.casa.safety_attention import SafetyAttention
 from casa_jax.casa.safety_tokens import add_safety_tokens
 from casa_jax.casa.train_lib import OptimConfig, init_state, make_optimizer, make_train_step
-from casa_jax.model.text_decoder import CausalLM, init_inputs
 from casa_jax.sharding import make_mesh
 from casa_jax.training.placement import (batch_sharding, decoder_shardings, global_batch, place, replicated,
                                          state_shardings)
@@ -35,7 +34,7 @@ ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=
 @pytest.fixture(scope="module")
 def problem():
     spec = tiny.tiny_spec()
-    params = jax.tree.map(np.asarray, nn.unbox(CausalLM(spec.text).init(jax.random.key(0), *init_inputs())["params"]))
+    params = tiny.random_params(spec.text, seed=0)
     tok = tiny.build_tokenizer(spec.text.vocab_size)
     cfg = CasaConfig()
     tok, params, spec, ids, query = add_safety_tokens(tok, params, spec, cfg)

@@ -112,10 +112,8 @@ def _base(config):
     """(spec, params, encoders, tokenizer, sidecar dir) of the model to fine-tune."""
     if config.base == "tiny":
         from casa_jax import tiny
-        from casa_jax.model.text_decoder import CausalLM, init_inputs
         spec = tiny.tiny_spec()
-        params = nn.unbox(CausalLM(spec.text).init(jax.random.key(tiny.TINY_SEED), *init_inputs())["params"])
-        return spec, jax.tree.map(np.asarray, params), {}, tiny.build_tokenizer(spec.text.vocab_size), None
+        return spec, tiny.random_params(spec.text), {}, tiny.build_tokenizer(spec.text.vocab_size), None
     from casa_jax.checkpoints.orbax_io import sidecar_dir
     from casa_jax.sampling.chat import load_tokenizer
     base = load_trained(config.base)
