@@ -2,12 +2,14 @@
 report.json / report.md (+ vs_histogram.png for CASA) per checkpoint.
 
   python -m casa_jax.evaluate --ckpt_dir=CKPT [--ckpt_dir=OTHER] --workdir=workdir/eval \
-      [--suites=text,jailbreak,prefill,benign,figstep,typo,spoken,spelling] [--per_suite=20]
+      [--suites=text,jailbreak,prefill,benign,benign_jbb,figstep,typo,spoken,spelling] [--per_suite=100] \
+      [--split=test|validation] [--judge=classifier|keyword|llm:JUDGE_CKPT[:template]]
   python -m casa_jax.evaluate --ckpt_dir=CKPT --prompts=prompts.jsonl --workdir=...
   python -m casa_jax.evaluate --ckpt_dir=CKPT --suites= --benchmark=mmsafetybench:/data/MM-SafetyBench \
       --benchmark=jailbreakv:/data/JailBreakV_28K --benchmark=safebench:/data/FigStep --judge=llm:JUDGE_CKPT
 
-Suites use test-split prompts (by id) of the vendored sets; image and audio items need a Qwen2.5-Omni
+Suites use test-split prompts (by id) of the vendored sets (``--split=validation`` for recipe decisions:
+thresholds, learning rates, loss weights; the test split is for final reports only); image and audio items need a Qwen2.5-Omni
 thinker checkpoint and are skipped (and listed as skipped) otherwise. ``--judge`` is ``keyword`` (refusal
 phrases) or ``llm:<ckpt_dir>[:mmsafetybench|harmbench|llamaguard]`` (a local model served by our sampler
 with that benchmark's judge prompt). Each checkpoint gets its own report under ``--workdir/<name>/``; a
@@ -21,7 +23,8 @@ import os
 from absl import app, flags
 
 from casa_jax.cli import exit_on_bad_input, quiet_libraries
-from casa_jax.eval.run import DEFAULT_SUITES, evaluate, print_summary, report_name
+from casa_jax.eval.run import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUITES, evaluate, print_summary, report_name
+from casa_jax.eval.suites import EVAL_SPLITS
 
 flags.DEFINE_multi_string("ckpt_dir", None, "Checkpoint(s) to evaluate (repeat the flag).", required=True)
 flags.DEFINE_string("workdir", os.path.join("workdir", "eval"), "Where reports are written.")
@@ -29,8 +32,11 @@ flags.DEFINE_list("suites", list(DEFAULT_SUITES), "Attack suites to run (empty: 
 flags.DEFINE_string("prompts", None, "JSONL file of {\"prompt\", \"label\"} records, instead of --suites.")
 flags.DEFINE_multi_string("benchmark", [], "name:ROOT of a public benchmark on disk (mmsafetybench, jailbreakv, "
                           "safebench); repeat the flag.")
-flags.DEFINE_integer("per_suite", 20, "Harmful (or benign) prompts per suite, and items per benchmark.")
-flags.DEFINE_integer("max_new_tokens", 32, "Tokens generated per response.")
+flags.DEFINE_integer("per_suite", 100, "Harmful (or benign) prompts per suite, and items per benchmark (capped by "
+                     "the split's size: the test split holds 87 harmful prompts).", lower_bound=1)
+flags.DEFINE_integer("max_new_tokens", DEFAULT_MAX_NEW_TOKENS, "Tokens generated per response.", lower_bound=1)
+flags.DEFINE_enum("split", "test", list(EVAL_SPLITS), "Prompt split: test (final reports) or validation (recipe "
+                  "decisions).")
 flags.DEFINE_bool("safety_prompt", False, "Prepend MM-SafetyBench's safety prompt.")
 flags.DEFINE_string("judge", "keyword", "keyword, or llm:<ckpt_dir>[:template] (mmsafetybench|harmbench|llamaguard).")
 flags.DEFINE_integer("seed", 0, "Attack-builder seed.")
@@ -52,7 +58,7 @@ def main(argv):
             name = report_name(ckpt)
             reports[name] = evaluate(ckpt, os.path.join(FLAGS.workdir, name), FLAGS.suites, FLAGS.prompts,
                                      FLAGS.per_suite, FLAGS.max_new_tokens, FLAGS.safety_prompt, FLAGS.seed,
-                                     FLAGS.benchmark, judge)
+                                     FLAGS.benchmark, judge, split=FLAGS.split)
     print_summary(reports, FLAGS.workdir)
 
 

@@ -110,8 +110,11 @@ def test_real_model_demo_pipeline_on_a_tiny_gguf(gguf_file, tmp_path):
                       max_new_tokens=4, overrides=small)
     assert list(out["reports"]) == ["base", "ssft", "casa"]
     for name, report in out["reports"].items():
-        assert {r["suite"] for r in report["suites"]} == set(smollm2.TEXT_ATTACKS) | {"benign"}, name
+        assert {r["suite"] for r in report["suites"]} == set(smollm2.TEXT_ATTACKS) | {"benign", "benign_jbb"}, name
     assert "| benign (over-refusal) | text |" in out["table"] and set(out["goal"]) >= {"relative_reduction", "met"}
+    assert out["goal"]["pooled"]["asr_n"] == 2 * len(smollm2.TEXT_ATTACKS) and out["goal"]["pooled"]["asr_ci"]
+    md = (tmp_path / "report.md").read_text()
+    assert "Wilson 95 % interval" in md and "agreement" in md and (tmp_path / "asr.png").exists()
     targets = json.load(open(tmp_path / "targets.json"))
     assert sum(not e["harmful"] for e in targets["train"]) == round(8 * 10_000 / 6_200)  # shared by CASA and SSFT
     assert not (tmp_path / "casa" / "targets.json").exists() and (tmp_path / "report.md").exists()

@@ -1,14 +1,40 @@
-"""Report metrics: attack success rate, over-refusal, safety-token accuracy and AUROC."""
+"""Report metrics: rates with Wilson 95 % intervals, AUROC and ROC curves.
+
+Every rate a report prints carries its n and an interval: ``rate_ci`` returns them together.
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import numpy as np
 
+Z_95 = 1.959963984540054  # two-sided 95 % normal quantile
+
 
 def rate(flags: Sequence[bool]) -> float | None:
     return float(np.mean(flags)) if len(flags) else None
+
+
+def wilson_interval(k: int, n: int, z: float = Z_95) -> tuple[float, float] | None:
+    """Wilson score interval for ``k`` successes in ``n`` trials (None when n = 0); unlike the normal
+    approximation it stays inside [0, 1] and is not degenerate at 0 or n successes."""
+    if n <= 0:
+        return None
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def rate_ci(flags: Sequence[bool]) -> dict:
+    """``{"rate", "k", "n", "ci"}``: the share of true flags, their count, n and the Wilson 95 % interval
+    (``rate`` and ``ci`` are None when there are no flags)."""
+    flags = [bool(f) for f in flags]
+    k, n = sum(flags), len(flags)
+    return {"rate": k / n if n else None, "k": k, "n": n, "ci": wilson_interval(k, n)}
 
 
 def auroc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
@@ -19,3 +45,14 @@ def auroc(scores: Sequence[float], labels: Sequence[int]) -> float | None:
         return None
     greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
     return float(greater / (len(pos) * len(neg)))
+
+
+def roc_curve(scores: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(false-positive rates, true-positive rates, thresholds) with a point per distinct score, from (0, 0)
+    to (1, 1); a score >= threshold counts as positive."""
+    scores, labels = np.asarray(scores, float), np.asarray(labels, int)
+    n_pos, n_neg = max(1, int((labels == 1).sum())), max(1, int((labels == 0).sum()))
+    thresholds = np.concatenate([[np.inf], np.unique(scores)[::-1]])
+    tpr = np.array([((scores >= t) & (labels == 1)).sum() / n_pos for t in thresholds])
+    fpr = np.array([((scores >= t) & (labels == 0)).sum() / n_neg for t in thresholds])
+    return fpr, tpr, thresholds

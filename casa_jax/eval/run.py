@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-DEFAULT_SUITES = ("text", "jailbreak", "prefill", "benign", "figstep", "typo", "spoken", "spelling")
+DEFAULT_SUITES = ("text", "jailbreak", "prefill", "benign", "benign_jbb", "figstep", "typo", "spoken", "spelling")
+DEFAULT_MAX_NEW_TOKENS = 64  # short replies hide compliance that starts after a polite opening
 
 
 def benchmark_items(specs, limit: int):
@@ -21,10 +22,11 @@ def benchmark_items(specs, limit: int):
     return items
 
 
-def evaluate(ckpt_dir: str, workdir: str, suites=(), prompts_file=None, per_suite=20, max_new_tokens=32,
-             safety_prompt=False, seed=0, benchmarks=(), judge=None, progress: bool = True,
-             benign_limit: int | None = None) -> dict:
-    """Run one checkpoint over the chosen items, write its report into ``workdir``, return the report."""
+def evaluate(ckpt_dir: str, workdir: str, suites=(), prompts_file=None, per_suite: int | None = 20,
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, safety_prompt=False, seed=0, benchmarks=(), judge=None,
+             progress: bool = True, benign_limit: int | None = None, split: str = "test") -> dict:
+    """Run one checkpoint over the chosen items of ``split`` (test for reports, validation for recipe
+    decisions; ``per_suite=None``: the whole split), write its report into ``workdir``, return the report."""
     from casa_jax.attacks.audio import espeak_available
     from casa_jax.eval.judges import KeywordJudge
     from casa_jax.eval.report import run_items, summarize, write_report
@@ -42,7 +44,8 @@ def evaluate(ckpt_dir: str, workdir: str, suites=(), prompts_file=None, per_suit
             skipped[suite] = "espeak-ng is not installed"
         else:
             runnable.append(suite)
-    items = items_from_file(prompts_file) if prompts_file else build_items(runnable, per_suite, tokenizer, seed, benign_limit)
+    items = (items_from_file(prompts_file) if prompts_file
+             else build_items(runnable, per_suite, tokenizer, seed, benign_limit, split))
     for item in benchmark_items(benchmarks, per_suite):
         if item.modality != "text" and not model.spec.is_thinker:
             skipped[item.suite] = f"{item.modality} {text_only}"
@@ -50,7 +53,8 @@ def evaluate(ckpt_dir: str, workdir: str, suites=(), prompts_file=None, per_suit
             items.append(item)
     results = run_items(ckpt_dir, items, max_new_tokens=max_new_tokens, safety_prompt=safety_prompt,
                         progress=progress, judge=judge)
-    report = summarize(results, ckpt_dir, skipped, judge.name)
+    threshold = model.casa.threshold if model.is_casa else None
+    report = summarize(results, ckpt_dir, skipped, judge, threshold, "file" if prompts_file else split)
     write_report(report, results, workdir)
     return report
 
@@ -64,12 +68,15 @@ def report_name(ckpt_dir: str) -> str:
 
 
 def print_summary(reports: dict, workdir: str) -> None:
-    from casa_jax.eval.report import _fmt
+    """Per checkpoint: judged and decision-level rates with intervals per suite, and the judge's agreement."""
+    from casa_jax.eval.report import agreement_line, fmt_ci
     for name, report in reports.items():
-        print(f"== {name} (judge: {report['judge']})")
+        print(f"== {name} ({report['split']} split)\n  {agreement_line(report)}")
         for row in report["suites"]:
-            print(f"  {row['suite']:<18} {row['modality']:<6} n={row['n']:<4} ASR {_fmt(row['asr']):>7}  "
-                  f"over-refusal {_fmt(row['over_refusal']):>7}")
+            metric = "asr" if row["n_harmful"] else "over_refusal"
+            label = "ASR" if row["n_harmful"] else "over-refusal"
+            print(f"  {row['suite']:<18} {row['modality']:<6} {label} {fmt_ci(row, metric):<28} "
+                  f"decision {fmt_ci(row, metric + '_decision')}")
         for suite, why in report["skipped"].items():
             print(f"  {suite:<18} skipped: {why}")
         print(f"  report: {os.path.join(workdir, name, 'report.md')}")

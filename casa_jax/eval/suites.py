@@ -1,5 +1,6 @@
-"""Evaluation items per attack suite and modality, built deterministically from held-out (test-split)
-prompts of the vendored sets, or from a user's JSONL file of {"prompt", "label"} records."""
+"""Evaluation items per attack suite and modality, built deterministically from held-out prompts of the
+vendored sets (the test split for reports, the validation split for recipe decisions), or from a user's
+JSONL file of {"prompt", "label"} records."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ from typing import Any, Sequence
 from casa_jax.attacks import audio, images, text
 from casa_jax.data.prompts_io import read_jsonl
 
-SUITES = ("text", "jailbreak", "prefill", "figstep", "typo", "spoken", "spelling", "benign")
-MODALITY = {"text": "text", "jailbreak": "text", "prefill": "text", "benign": "text", "figstep": "image",
-            "typo": "image", "spoken": "audio", "spelling": "audio"}
+SUITES = ("text", "jailbreak", "prefill", "figstep", "typo", "spoken", "spelling", "benign", "benign_jbb")
+MODALITY = {"text": "text", "jailbreak": "text", "prefill": "text", "benign": "text", "benign_jbb": "text",
+            "figstep": "image", "typo": "image", "spoken": "audio", "spelling": "audio"}
+# Over-refusal sets, each its own report row: easy benign requests (factual questions, chat tasks, everyday
+# requests) and JailbreakBench's benign behaviours, topic-matched to its harmful ones (harder to tell apart).
+BENIGN_SUITES = {"benign": ("benign_freshqa", "benign_mtbench", "benign_refusal_scorer"),
+                 "benign_jbb": ("benign_jbb",)}
+EVAL_SPLITS = ("test", "validation")
 
 
 @dataclasses.dataclass
@@ -34,15 +40,17 @@ class Item:
         return "image" if self.image is not None else "audio" if self.audio is not None else "text"
 
 
-def test_prompts(names: Sequence[str], limit: int) -> list[dict]:
-    """``limit`` test-split prompts of the named sets, each prompt once, taken from the sets in turn
-    (each set sorted by id) so every set is represented."""
+def split_prompts(names: Sequence[str], limit: int | None, split: str = "test") -> list[dict]:
+    """``limit`` (None: all) prompts of ``split`` from the named sets, each prompt once, taken from the
+    sets in turn (each set sorted by id) so every set is represented."""
     from casa_jax.eval.splits import unique_split_records
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split {split!r}: expected one of {EVAL_SPLITS} (train prompts are never evaluated)")
     per_set: dict[str, list[dict]] = {name: [] for name in names}
-    for name, record in unique_split_records(names, "test", sort_by_id=True):
+    for name, record in unique_split_records(names, split, sort_by_id=True):
         per_set[name].append(record)
     interleaved = [r for group in itertools.zip_longest(*per_set.values()) for r in group if r is not None]
-    return interleaved[:limit]
+    return interleaved if limit is None else interleaved[:limit]
 
 
 def _keyword(prompt: str) -> str:
@@ -50,18 +58,21 @@ def _keyword(prompt: str) -> str:
     return max(words, key=len)
 
 
-def build_items(suites: Sequence[str], per_suite: int, tokenizer=None, seed: int = 0, benign_limit: int | None = None,
-                harmful_sets: Sequence[str] = ("harmful_advbench", "harmful_harmbench"),
-                benign_sets: Sequence[str] = ("benign_freshqa", "benign_mtbench", "benign_refusal_scorer")
+def build_items(suites: Sequence[str], per_suite: int | None, tokenizer=None, seed: int = 0,
+                benign_limit: int | None = None, split: str = "test",
+                harmful_sets: Sequence[str] = ("harmful_advbench", "harmful_harmbench", "harmful_jbb")
                 ) -> list[Item]:
+    """Items of ``suites`` from ``split``: ``per_suite`` harmful prompts per attack (None: the whole split),
+    ``benign_limit`` (default ``per_suite``) prompts per over-refusal set."""
     unknown = sorted(set(suites) - set(SUITES))
     if unknown:
         raise ValueError(f"unknown suites {unknown}; expected some of {SUITES}")
-    harmful = test_prompts(harmful_sets, per_suite)
+    harmful = split_prompts(harmful_sets, per_suite, split)
     items: list[Item] = []
     for suite in suites:
-        if suite == "benign":
-            items += [Item(r["id"], suite, False, r["prompt"], r["prompt"]) for r in test_prompts(benign_sets, benign_limit or per_suite)]
+        if suite in BENIGN_SUITES:
+            items += [Item(r["id"], suite, False, r["prompt"], r["prompt"])
+                      for r in split_prompts(BENIGN_SUITES[suite], benign_limit or per_suite, split)]
             continue
         for r in harmful:
             p = r["prompt"]

@@ -23,6 +23,12 @@ class Reply:
     p_safe: float | None = None
     p_unsafe: float | None = None
     cosine: float | None = None  # Circuit Breakers: mean cosine(adapted, frozen) over the prompt tokens
+    prefill: str = ""  # the attacker-controlled assistant prefix that ``text`` starts with (if any)
+
+    @property
+    def continuation(self) -> str:
+        """What the model itself wrote: ``text`` after the attacker's prefill (what judges read)."""
+        return self.text[len(self.prefill):] if self.prefill and self.text.startswith(self.prefill) else self.text
 
 
 def load_tokenizer(ckpt_dir: str):
@@ -101,10 +107,10 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
         replies = []
         for prompt, prefix, out in zip(prompts, prefill_texts, outs):
             if out.unsafe and casa.refusal_mode == "template":
-                text = casa.refusal_template
+                text, prefix = casa.refusal_template, ""
             else:
                 text = prefix + strip_safety_tokens(tokenizer.decode(out.tokens, skip_special_tokens=True), casa)
-            replies.append(Reply(prompt, text, out.verdict, out.v_s, out.p_safe, out.p_unsafe))
+            replies.append(Reply(prompt, text, out.verdict, out.v_s, out.p_safe, out.p_unsafe, prefill=prefix))
         return replies
 
     from casa_jax.model.text_decoder import CausalLM
@@ -125,8 +131,8 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
         if cos is not None:
             verdict = "rerouted" if cos < CB_REROUTED_BELOW else "intact"
         else:
-            verdict = "refused" if is_refusal(text) else "answered"
-        replies.append(Reply(prompt, text, verdict, cosine=cos))
+            verdict = "refused" if is_refusal(text[len(prefix):]) else "answered"
+        replies.append(Reply(prompt, text, verdict, cosine=cos, prefill=prefix))
     return replies
 
 
