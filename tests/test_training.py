@@ -1,6 +1,7 @@
 """Training at scale on 8 simulated devices: placement by logical axes, a sharded step equal to the
 single-device one, gradient accumulation, and kill / SIGTERM / NaN behaviour of the train CLI."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,17 +11,19 @@ import time
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from casa_jax import tiny
 from casa_jax.casa.config import CasaConfig
 from casa_jax.casa.examples import Example, build_batch
 from casa_jax.casa.lora import init_lora
-from casa_jax.casa.objectives import ObjectiveSetup
+from casa_jax.casa.objectives import LOSSES, OBJECTIVES, ObjectiveSetup
 from casa_jax.casa.safety_attention import SafetyAttention
 from casa_jax.casa.safety_tokens import add_safety_tokens
-from casa_jax.casa.train_lib import OptimConfig, init_state, make_optimizer, make_train_step
+from casa_jax.casa.train_lib import OptimConfig, init_state, make_eval_fn, make_optimizer, make_train_step
 from casa_jax.sharding import make_mesh
 from casa_jax.training.placement import (batch_sharding, decoder_shardings, global_batch, place, replicated,
                                          state_shardings)
@@ -49,7 +52,7 @@ def problem():
     setup = ObjectiveSetup(text=text, casa=cfg, ids=ids)
     optimizer = make_optimizer(OptimConfig(total_steps=10, warmup_steps=1), trainable)
     return dict(text=text, trainable=trainable, frozen={"params": params, "unsafe_query": query}, batch=batch,
-                setup=setup, optimizer=optimizer)
+                setup=setup, optimizer=optimizer, tok=tok, ids=ids, cfg=cfg)
 
 
 def _run_steps(step, state, frozen, batch, n):
@@ -90,15 +93,80 @@ def test_sharded_step_equals_single_device(problem):
     assert len(moments) >= 2 and all(m.sharding.spec == lora_a.sharding.spec for m in moments)  # Adam mu, nu
 
 
-def test_gradient_accumulation_equals_full_batch(problem):
+# Micro-batches that differ (the step splits rows i, i + 2, ...): rows 0 and 2 (benign and harmful, long
+# targets) and rows 1 and 3 (both harmful, short targets, no benign token at all), so loss-token counts,
+# beta-weight sums and harmful/benign token counts all differ.
+ACCUM_EXAMPLES = [Example("Write a poem", False, "The waves roll in, the tide goes out, the gulls cry over the sea."),
+                  Example("How to build a bomb", True, "No."),
+                  Example("Hack a bank", True, "Sorry, but I can't help with that request, because it could cause harm."),
+                  Example("Steal a car", True, "No.")]
+
+
+@pytest.fixture(scope="module")
+def accumulation(problem):
+    """Per objective: (setup, trainable, frozen, batch) and jitted full-batch / accumulated losses."""
     p = problem
-    full = make_train_step("casa", p["setup"], p["optimizer"], 10)
-    accum = make_train_step("casa", p["setup"], p["optimizer"], 10, accum_steps=2)
-    a, la = _run_steps(full, init_state(p["trainable"], p["optimizer"]), p["frozen"], p["batch"], 2)
-    b, lb = _run_steps(accum, init_state(p["trainable"], p["optimizer"]), p["frozen"], p["batch"], 2)
-    np.testing.assert_allclose(la, lb, atol=1e-5)
-    for x, y in zip(jax.tree.leaves(a.trainable), jax.tree.leaves(b.trainable)):
-        np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-5)
+    cfg = CasaConfig(beta=0.8, safety_loss_weight=2.0)  # unequal example weights, a weighted sum of terms
+    out = {}
+    for objective in OBJECTIVES:
+        casa = objective == "casa"
+        setup = ObjectiveSetup(text=p["text"], casa=cfg, ids=p["ids"] if casa else None)
+        trainable = p["trainable"] if casa else {"lora": p["trainable"]["lora"]}
+        frozen = p["frozen"] if casa else {"params": p["frozen"]["params"]}
+        batch = jax.tree.map(jnp.asarray, build_batch(p["tok"], ACCUM_EXAMPLES, 48, p["ids"] if casa else None))
+        out[objective] = (setup, trainable, frozen, batch)
+    return out
+
+
+def _one_sgd_step(objective, setup, trainable, frozen, batch, accum_steps):
+    """One step with plain SGD at learning rate 1 (no clipping): new - old = -gradient, exactly what
+    the step differentiated. The state starts at step 5 of 10 so Circuit Breakers' retain term counts."""
+    sgd = optax.sgd(1.0)
+    step = make_train_step(objective, setup, sgd, 10, accum_steps=accum_steps)
+    state = init_state(trainable, sgd).replace(step=jnp.asarray(5, jnp.int32))
+    new, metrics = step(state, frozen, batch, jax.random.key(0))
+    grads = jax.tree.map(lambda a, b: np.asarray(a) - np.asarray(b), state.trainable, new.trainable)
+    return grads, {k: float(v) for k, v in metrics.items()}
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_gradient_accumulation_equals_full_batch(accumulation, objective):
+    """Accumulating over 2 micro-batches with different token counts and weights gives the full batch's
+    loss, metrics and gradients (token-/example-weighted over the whole batch, not a mean of micro-batch
+    means). Negative control: the mean of the micro-batches' own losses differs from the full batch."""
+    setup, trainable, frozen, batch = accumulation[objective]
+    full_grads, full = _one_sgd_step(objective, setup, trainable, frozen, batch, 1)
+    acc_grads, acc = _one_sgd_step(objective, setup, trainable, frozen, batch, 2)
+    assert set(full) == set(acc)
+    for k in full:
+        assert acc[k] == pytest.approx(full[k], rel=1e-5, abs=1e-7), (k, acc[k], full[k])
+    for path, g in jax.tree_util.tree_leaves_with_path(full_grads):
+        a = acc_grads
+        for key in path:
+            a = a[key.key]
+        scale = float(np.abs(g).max())
+        assert scale > 0, path
+        np.testing.assert_allclose(a, g, atol=1e-5 * scale, rtol=1e-4, err_msg=jax.tree_util.keystr(path))
+
+    own_mean = jax.jit(lambda h: LOSSES[objective](setup, trainable, frozen, h, None, 0.5)[0])
+    halves = [jax.tree.map(lambda x, i=i: x[i::2], batch) for i in range(2)]  # the step's split: rows i, i + 2
+    naive = np.mean([float(own_mean(h)) for h in halves])
+    assert abs(naive - full["loss"]) > 1e-3 * abs(full["loss"]), (naive, full["loss"])
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_eval_step_applies_no_dropout(accumulation, objective):
+    """With lora.dropout > 0 the eval step is the dropout-free model: its metrics equal those of the same
+    weights with dropout 0 (the eval step takes no rng, so no key can change them). Negative control: the
+    training loss with dropout does change with the key and differs from the dropout-free one."""
+    setup, trainable, frozen, batch = accumulation[objective]
+    dropped = dataclasses.replace(setup, text=setup.text.replace(lora_dropout=0.5))
+    got = jax.tree.map(float, make_eval_fn(objective, dropped)(trainable, frozen, batch))
+    want = jax.tree.map(float, make_eval_fn(objective, setup)(trainable, frozen, batch))
+    assert got == want
+    train_loss = jax.jit(lambda key: LOSSES[objective](dropped, trainable, frozen, batch, key, 1.0)[0])
+    a, b = float(train_loss(jax.random.key(0))), float(train_loss(jax.random.key(1)))
+    assert a != b and abs(a - want["loss"]) > 1e-4 * abs(want["loss"]), (a, b, want["loss"])
 
 
 def _train_cmd(workdir, *extra):

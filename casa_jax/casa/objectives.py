@@ -9,7 +9,21 @@
   same weights with the LoRA collection left out.
 
 ``trainable`` holds ``lora`` (and ``safety`` for CASA); ``frozen`` holds ``params`` (and
-``unsafe_query`` for CASA). ``progress`` = step / total steps.
+``unsafe_query`` for CASA). ``progress`` = step / total steps. ``rng=None`` applies no dropout (evaluation).
+
+**What "the batch" means for each term.** Every loss and metric is a sum over the batch divided by a
+denominator that depends only on the batch's masks and labels (``NORMALIZERS``), never on the parameters:
+
+- CASA safety term: sum_i w_i nll_i / sum_i w_i (examples weighted by beta / 1 - beta);
+- CASA / SSFT LM term: sum_{i,t} w_i m_it nll_it / sum_{i,t} w_i m_it (target tokens, each weighted by its
+  example's w_i), i.e. token-weighted, not a mean of per-example means;
+- Circuit Breakers: reroute = sum of ReLU(cos) over (layer, harmful real token) / their count, retain = sum
+  of the distance over (layer, benign real token) / their count (each count at least 1);
+- ``safety_accuracy``, ``v_s_mean``: sums over examples / the number of examples.
+
+A loss called with ``norms`` from ``NORMALIZERS[objective](setup, full_batch)`` on a slice of that batch
+returns that slice's share, so the shares over any split of the batch sum exactly to the full batch's
+loss, metrics and gradients (what gradient accumulation in ``train_lib`` relies on).
 """
 
 from __future__ import annotations
@@ -80,12 +94,46 @@ def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(a * b, -1) / (_norm(a) * _norm(b))
 
 
-def lm_loss(logits: jax.Array, batch: TrainBatch, weights: jax.Array) -> jax.Array:
-    """Weighted mean next-token NLL over target tokens (the token at t is predicted from t - 1)."""
+def _lm_token_weights(batch: TrainBatch, weights: jax.Array) -> jax.Array:  # [B, T - 1]
+    return batch.loss_mask[:, 1:].astype(jnp.float32) * weights[:, None]
+
+
+def lm_loss(logits: jax.Array, batch: TrainBatch, weights: jax.Array, denominator=None) -> jax.Array:
+    """Weighted mean next-token NLL over target tokens (the token at t is predicted from t - 1).
+    ``denominator``: the full batch's total token weight when ``batch`` is one micro-batch of it."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, batch.input_ids[:, 1:, None], axis=-1)[..., 0]
-    mask = batch.loss_mask[:, 1:].astype(jnp.float32) * weights[:, None]
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1e-6)
+    mask = _lm_token_weights(batch, weights)
+    if denominator is None:
+        denominator = jnp.maximum(jnp.sum(mask), 1e-6)
+    return jnp.sum(nll * mask) / denominator
+
+
+def _dropout(rng) -> dict:
+    return {} if rng is None else {"dropout": rng}
+
+
+def casa_normalizers(setup: ObjectiveSetup, batch: TrainBatch) -> dict:
+    weights = _example_weights(batch, setup.casa.beta)
+    return {"examples": jnp.asarray(batch.label.shape[0], jnp.float32), "safety": jnp.sum(weights),
+            "lm": jnp.maximum(jnp.sum(_lm_token_weights(batch, weights)), 1e-6)}
+
+
+def ssft_normalizers(setup: ObjectiveSetup, batch: TrainBatch) -> dict:
+    weights = _example_weights(batch, setup.casa.beta)
+    return {"lm": jnp.maximum(jnp.sum(_lm_token_weights(batch, weights)), 1e-6)}
+
+
+def _cb_token_masks(batch: TrainBatch) -> tuple[jax.Array, jax.Array]:  # [B, T] each: harmful, benign
+    tokens = batch.attention_mask.astype(jnp.float32)
+    harmful = batch.label.astype(jnp.float32)[:, None]
+    return tokens * harmful, tokens * (1 - harmful)
+
+
+def circuit_breaker_normalizers(setup: ObjectiveSetup, batch: TrainBatch) -> dict:
+    n = len(setup.circuit_breaker.resolved_layers(setup.text.num_hidden_layers))
+    reroute, retain = _cb_token_masks(batch)
+    return {"reroute": jnp.maximum(n * jnp.sum(reroute), 1.0), "retain": jnp.maximum(n * jnp.sum(retain), 1.0)}
 
 
 def safety_v_s(setup: ObjectiveSetup, safety_params, unsafe_query, out, batch: TrainBatch) -> jax.Array:
@@ -94,55 +142,67 @@ def safety_v_s(setup: ObjectiveSetup, safety_params, unsafe_query, out, batch: T
                                              batch.prompt_mask.astype(bool))
 
 
-def casa_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng, progress):
-    del progress
+def casa_safety_logits(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng=None):
+    """The training path's safety step: (decoder output, v_s [B], re-weighted (safe, unsafe) logits [B, 2]).
+    The pair is read at the position before each row's safety token (what predicts it)."""
     cfg, ids = setup.casa, setup.ids
     layers = () if cfg.hidden_layer < 0 else (cfg.hidden_layer,)
     out = setup.decoder.apply(_variables(trainable, frozen), batch.input_ids, positions_from_mask(batch.attention_mask),
-                              batch.attention_mask, hidden_layers=layers, rngs={"dropout": rng})
-    weights = _example_weights(batch, cfg.beta)
+                              batch.attention_mask, hidden_layers=layers, rngs=_dropout(rng))
     v_s = safety_v_s(setup, trainable["safety"], frozen["unsafe_query"], out, batch)
     step_logits = jnp.take_along_axis(out.logits, jnp.maximum(batch.safety_index - 1, 0)[:, None, None], axis=1)[:, 0]
-    pair = safety_pair_logits(step_logits, v_s, ids.safe, ids.unsafe, cfg.scaling)
+    return out, v_s, safety_pair_logits(step_logits, v_s, ids.safe, ids.unsafe, cfg.scaling)
+
+
+def casa_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng, progress, norms=None):
+    del progress
+    cfg = setup.casa
+    norms = casa_normalizers(setup, batch) if norms is None else norms
+    out, v_s, pair = casa_safety_logits(setup, trainable, frozen, batch, rng)
+    weights = _example_weights(batch, cfg.beta)
     logp = jax.nn.log_softmax(pair, axis=-1)
     safety_nll = -jnp.take_along_axis(logp, batch.label[:, None], axis=-1)[:, 0]
-    safety = jnp.sum(safety_nll * weights) / jnp.sum(weights)
-    lm = lm_loss(out.logits, batch, weights)
-    accuracy = jnp.mean((jnp.argmax(pair, -1) == batch.label).astype(jnp.float32))
-    return cfg.safety_loss_weight * safety + lm, {"safety_loss": safety, "lm_loss": lm, "safety_accuracy": accuracy,
-                                                  "v_s_mean": jnp.mean(v_s)}
+    safety = jnp.sum(safety_nll * weights) / norms["safety"]
+    lm = lm_loss(out.logits, batch, weights, norms["lm"])
+    correct = (jnp.argmax(pair, -1) == batch.label).astype(jnp.float32)
+    return cfg.safety_loss_weight * safety + lm, {"safety_loss": safety, "lm_loss": lm,
+                                                  "safety_accuracy": jnp.sum(correct) / norms["examples"],
+                                                  "v_s_mean": jnp.sum(v_s) / norms["examples"]}
 
 
-def ssft_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng, progress):
+def ssft_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng, progress, norms=None):
     del progress
+    norms = ssft_normalizers(setup, batch) if norms is None else norms
     out = setup.decoder.apply(_variables(trainable, frozen), batch.input_ids, positions_from_mask(batch.attention_mask),
-                              batch.attention_mask, rngs={"dropout": rng})
-    lm = lm_loss(out.logits, batch, _example_weights(batch, setup.casa.beta))
+                              batch.attention_mask, rngs=_dropout(rng))
+    lm = lm_loss(out.logits, batch, _example_weights(batch, setup.casa.beta), norms["lm"])
     return lm, {"lm_loss": lm}
 
 
-def circuit_breaker_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng, progress):
+def circuit_breaker_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng, progress, norms=None):
     cb = setup.circuit_breaker
     layers = cb.resolved_layers(setup.text.num_hidden_layers)
+    norms = circuit_breaker_normalizers(setup, batch) if norms is None else norms
     positions = positions_from_mask(batch.attention_mask)
     ours = setup.decoder.apply(_variables(trainable, frozen), batch.input_ids, positions, batch.attention_mask,
-                               hidden_layers=layers, return_logits=False, rngs={"dropout": rng}).hidden_states
+                               hidden_layers=layers, return_logits=False, rngs=_dropout(rng)).hidden_states
     ref = setup.decoder.apply({"params": frozen["params"]}, batch.input_ids, positions, batch.attention_mask,
                               hidden_layers=layers, return_logits=False).hidden_states
     ours, ref = ours.astype(jnp.float32), jax.lax.stop_gradient(ref.astype(jnp.float32))  # [n, B, T, E]
     cos = cosine(ours, ref)  # [n, B, T]
-    tokens = jnp.broadcast_to(batch.attention_mask.astype(jnp.float32)[None], cos.shape)  # every layer's tokens
-    harmful = batch.label.astype(jnp.float32)[None, :, None]
-    reroute_mask, retain_mask = tokens * harmful, tokens * (1 - harmful)  # means over layers and tokens
-    reroute = jnp.sum(jax.nn.relu(cos) * reroute_mask) / jnp.maximum(jnp.sum(reroute_mask), 1.0)
+    reroute_mask, retain_mask = _cb_token_masks(batch)  # [B, T], broadcast over the layers
+    reroute = jnp.sum(jax.nn.relu(cos) * reroute_mask) / norms["reroute"]
     distance = _norm(ours - ref) / (_norm(ref) if cb.retain_norm == "relative" else 1.0)
-    retain = jnp.sum(distance * retain_mask) / jnp.maximum(jnp.sum(retain_mask), 1.0)
+    retain = jnp.sum(distance * retain_mask) / norms["retain"]
     c_reroute = cb.alpha * (1 - progress / 2)
     c_retain = cb.alpha * progress / 2
     return c_reroute * reroute + c_retain * retain, {"reroute_cos": reroute, "retain_l2": retain}
 
 
 LOSSES: dict[str, Callable] = {"casa": casa_loss, "ssft": ssft_loss, "circuit_breaker": circuit_breaker_loss}
+# The full batch's denominators (see the module docstring), for losses evaluated on its micro-batches.
+NORMALIZERS: dict[str, Callable] = {"casa": casa_normalizers, "ssft": ssft_normalizers,
+                                    "circuit_breaker": circuit_breaker_normalizers}
 
 
 def trainable_parts(objective: str) -> tuple[str, ...]:

@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from casa_jax.casa.objectives import LOSSES, ObjectiveSetup
+from casa_jax.casa.objectives import LOSSES, NORMALIZERS, ObjectiveSetup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,9 +63,14 @@ def make_train_step(objective: str, setup: ObjectiveSetup, optimizer: optax.Grad
                     total_steps: int, accum_steps: int = 1, shardings: tuple | None = None):
     """A jitted ``(state, frozen, batch, rng) -> (state, metrics)`` for one objective.
 
-    ``accum_steps > 1`` splits the batch into that many micro-batches (``lax.scan``) and averages their
-    gradients before one update. ``shardings = (state, frozen, batch)`` shardings pins the step's inputs
-    and outputs to the mesh (the state buffer is donated); None lets jit follow its inputs.
+    ``accum_steps > 1`` splits the batch into that many micro-batches (``lax.scan``), each evaluated with
+    the *full* batch's denominators (``objectives.NORMALIZERS``), and sums their losses, metrics and
+    gradients: the result is the full batch's (token-/example-weighted, see ``objectives``), not a mean
+    of micro-batch means, whatever tokens and labels each micro-batch holds. Micro-batch ``i`` takes rows
+    ``i, i + accum_steps, ...`` so each one spreads over the data-parallel devices like the batch. Each
+    micro-batch draws its own dropout key, so with dropout the masks (not the expectation) differ from a
+    full-batch step. ``shardings = (state, frozen, batch)`` shardings pins the step's inputs and outputs
+    to the mesh (the state buffer is donated); None lets jit follow its inputs.
     """
     loss_fn = functools.partial(LOSSES[objective], setup)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -76,18 +81,19 @@ def make_train_step(objective: str, setup: ObjectiveSetup, optimizer: optax.Grad
         if accum_steps == 1:
             (loss, metrics), grads = grad_fn(state.trainable, frozen, batch, key, progress)
         else:
-            micro = jax.tree.map(lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
+            norms = NORMALIZERS[objective](setup, batch)
+            micro = jax.tree.map(lambda x: jnp.swapaxes(
+                x.reshape((x.shape[0] // accum_steps, accum_steps) + x.shape[1:]), 0, 1), batch)
 
             def one(carry, xs):
                 i, mb = xs
-                (l, m), g = grad_fn(state.trainable, frozen, mb, jax.random.fold_in(key, i), progress)
+                (l, m), g = grad_fn(state.trainable, frozen, mb, jax.random.fold_in(key, i), progress, norms)
                 return jax.tree.map(jnp.add, carry, (l, m, g)), None
 
-            zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(
-                lambda: grad_fn(state.trainable, frozen, jax.tree.map(lambda x: x[0], micro), key, progress)))
-            zeros = (zeros[0][0], zeros[0][1], zeros[1])
+            shapes = jax.eval_shape(lambda: grad_fn(state.trainable, frozen, jax.tree.map(lambda x: x[0], micro), key,
+                                                    progress, norms))
+            zeros = jax.tree.map(jnp.zeros_like, (shapes[0][0], shapes[0][1], shapes[1]))
             (loss, metrics, grads), _ = jax.lax.scan(one, zeros, (jnp.arange(accum_steps), micro))
-            loss, metrics, grads = jax.tree.map(lambda x: x / accum_steps, (loss, metrics, grads))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
         trainable = optax.apply_updates(state.trainable, updates)
         metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
@@ -102,12 +108,12 @@ def make_train_step(objective: str, setup: ObjectiveSetup, optimizer: optax.Grad
 
 
 def make_eval_fn(objective: str, setup: ObjectiveSetup):
-    """A jitted ``(trainable, frozen, batch) -> metrics`` (no dropout, progress 1)."""
+    """A jitted ``(trainable, frozen, batch) -> metrics`` (no dropout: no rng reaches the model; progress 1)."""
     loss_fn = functools.partial(LOSSES[objective], setup)
 
     @jax.jit
     def evaluate(trainable, frozen, batch):
-        loss, metrics = loss_fn(trainable, frozen, batch, jax.random.key(0), 1.0)
+        loss, metrics = loss_fn(trainable, frozen, batch, None, 1.0)
         return dict(metrics, loss=loss)
 
     return evaluate
