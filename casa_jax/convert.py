@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from absl import app, flags
 
-from casa_jax.cli import exit_on_bad_input, quiet_libraries
+from casa_jax.cli import exit_on_bad_input, quiet_libraries, run
 
 flags.DEFINE_string("hf_dir", None, "Hugging Face model directory to import (config.json + safetensors).")
 flags.DEFINE_string("gguf", None, "llama.cpp GGUF file to import (Llama-family; dequantized to float32).")
@@ -51,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags
 
-from casa_jax.cli import exit_on_bad_input, quiet_libraries
+from casa_jax.cli import exit_on_bad_input, quiet_libraries, run
 
 flags.DEFINE_enum("model", "smollm2", ["smollm2", "tiny_thinker"], "Which demo to run.")
 flags.DEFINE_string("workdir", None, "Where the demo writes its files (default workdir/<model>).")
@@ -46,4 +46,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -22,8 +22,8 @@ import os
 
 from absl import app, flags
 
-from casa_jax.cli import exit_on_bad_input, quiet_libraries
-from casa_jax.eval.run import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUITES, evaluate, print_summary, report_name
+from casa_jax.cli import exit_on_bad_input, quiet_libraries, run
+from casa_jax.eval.run import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUITES, evaluate, print_summary, report_names
 from casa_jax.eval.suites import EVAL_SPLITS
 
 flags.DEFINE_multi_string("ckpt_dir", None, "Checkpoint(s) to evaluate (repeat the flag).", required=True)
@@ -53,9 +53,19 @@ def main(argv):
         except ValueError as e:
             from casa_jax.processing import InputError
             raise InputError(f"--judge: {e}") from e
+        from casa_jax.checkpoints.orbax_io import read_meta
+        from casa_jax.eval.suites import SUITES
+        from casa_jax.processing import InputError
+        unknown = sorted(set(FLAGS.suites) - set(SUITES))
+        if unknown and not FLAGS.prompts:
+            raise InputError(f"--suites: unknown suites {unknown}; expected some of {SUITES}")
+        if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+            raise InputError(f"--workdir={FLAGS.workdir} is a file; expected a directory for the reports")
+        names = report_names(FLAGS.ckpt_dir)
+        for ckpt in FLAGS.ckpt_dir:  # every input checked before the first long evaluation starts
+            read_meta(ckpt)
         reports = {}
-        for ckpt in FLAGS.ckpt_dir:
-            name = report_name(ckpt)
+        for name, ckpt in zip(names, FLAGS.ckpt_dir):
             reports[name] = evaluate(ckpt, os.path.join(FLAGS.workdir, name), FLAGS.suites, FLAGS.prompts,
                                      FLAGS.per_suite, FLAGS.max_new_tokens, FLAGS.safety_prompt, FLAGS.seed,
                                      FLAGS.benchmark, judge, split=FLAGS.split)
@@ -63,4 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -16,7 +16,7 @@ import sys
 
 from absl import app, flags
 
-from casa_jax.cli import exit_on_bad_input, quiet_libraries
+from casa_jax.cli import exit_on_bad_input, quiet_libraries, run
 
 flags.DEFINE_string("ckpt_dir", None, "casa-jax checkpoint (convert or train output).", required=True)
 flags.DEFINE_multi_string("prompt", None, "User message(s); repeat for a batch.")
@@ -38,59 +38,131 @@ flags.DEFINE_integer("seed", 0, "Sampling seed.")
 FLAGS = flags.FLAGS
 
 
-def _records() -> list[dict]:
-    from casa_jax.data.prompts_io import read_jsonl
+def _check_flags() -> None:
+    """Refuse flag values and combinations that would fail late or be silently ignored (one line, exit 2)."""
     from casa_jax.processing import InputError
-    if FLAGS.prompts_file and FLAGS.prompt:
-        raise InputError("pass --prompt or --prompts_file, not both")
+    checks = [
+        (FLAGS.max_new_tokens < 1, f"--max_new_tokens={FLAGS.max_new_tokens}: expected at least 1"),
+        (FLAGS.batch_size < 1, f"--batch_size={FLAGS.batch_size}: expected at least 1"),
+        (FLAGS.temperature < 0, f"--temperature={FLAGS.temperature}: expected >= 0 (0 is greedy)"),
+        (FLAGS.top_k is not None and FLAGS.top_k < 1, f"--top_k={FLAGS.top_k}: expected at least 1"),
+        (FLAGS.top_p is not None and not 0 < FLAGS.top_p <= 1, f"--top_p={FLAGS.top_p}: expected a value in (0, 1]"),
+        (FLAGS.temperature == 0 and (FLAGS.top_k is not None or FLAGS.top_p is not None),
+         "--top_k/--top_p only apply to sampling; they would be ignored under greedy decoding (--temperature=0)"),
+        (FLAGS.threshold is not None and not 0 < FLAGS.threshold < 1,
+         f"--threshold={FLAGS.threshold}: expected a value in (0, 1)"),
+        (FLAGS.prompts_file is not None and bool(FLAGS.prompt), "pass --prompt or --prompts_file, not both"),
+    ]
+    if FLAGS.prompts_file:
+        given = [f"--{name}" for name in ("image", "audio", "prefill") if getattr(FLAGS, name)]
+        checks.append((bool(given), f"{', '.join(given)} would be ignored with --prompts_file: give each record its "
+                                    "own \"image\" / \"audio\" / \"prefill\" field"))
+    for bad, message in checks:
+        if bad:
+            raise InputError(message)
+    if FLAGS.output_file:
+        from casa_jax.paths import refuse_overlap
+        refuse_overlap({"--output_file": FLAGS.output_file},
+                       {"--prompts_file": FLAGS.prompts_file, "--ckpt_dir": FLAGS.ckpt_dir}, InputError)
+        _check_writable(FLAGS.output_file)
+
+
+def _check_writable(path: str) -> None:
+    import os
+
+    from casa_jax.processing import InputError
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"--output_file={path} is a directory; expected a file path")
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise InputError(f"--output_file={path}: its folder {parent} does not exist or is not writable")
+
+
+def _records() -> list[dict]:
+    """The prompts, each with its media loaded now, so a bad path stops the run before any generation."""
+    from casa_jax.data.prompts_io import read_jsonl_lines
+    from casa_jax.processing import InputError, load_image, load_wav
     if FLAGS.prompts_file:
         try:
-            records = list(read_jsonl(FLAGS.prompts_file))
+            numbered = list(read_jsonl_lines(FLAGS.prompts_file))
         except (OSError, ValueError) as e:
             raise InputError(f"--prompts_file: {e}") from e
-        for i, r in enumerate(records, 1):
+        where = [f"{FLAGS.prompts_file}:{line}" for line, _ in numbered]
+        records = [r for _, r in numbered]
+        for at, r in zip(where, records):
             if not isinstance(r, dict) or not isinstance(r.get("prompt"), str):
-                raise InputError(f"{FLAGS.prompts_file}:{i}: each line needs a string 'prompt'")
-        return records
-    prompts = FLAGS.prompt or ["Give three tips for staying healthy."]
-    return [{"prompt": p, "image": FLAGS.image, "audio": FLAGS.audio, "prefill": FLAGS.prefill} for p in prompts]
+                raise InputError(f"{at}: each line needs a string 'prompt'")
+    else:
+        prompts = FLAGS.prompt or ["Give three tips for staying healthy."]
+        records = [{"prompt": p, "image": FLAGS.image, "audio": FLAGS.audio, "prefill": FLAGS.prefill} for p in prompts]
+        where = ["--image/--audio"] * len(records)
+    for at, r in zip(where, records):
+        for field, load in (("image", load_image), ("audio", load_wav)):
+            if r.get(field):
+                try:
+                    r[field] = load(r[field])
+                except (OSError, ValueError) as e:
+                    raise InputError(f"{at}: {field} {r[field]!r}: {e}") from e
+    return records
+
+
+def _row(reply) -> dict:
+    row = {"prompt": reply.prompt, "response": reply.text, "verdict": reply.verdict}
+    if reply.v_s is not None:
+        row.update(v_s=round(reply.v_s, 4), p_safe=round(reply.p_safe, 4), p_unsafe=round(reply.p_unsafe, 4))
+    if reply.cosine is not None:
+        row["cosine"] = round(reply.cosine, 4)
+    return row
 
 
 def main(argv):
     del argv
     quiet_libraries()
-    from casa_jax.processing import load_image, load_wav
+    import os
+
     from casa_jax.sampling.chat import chat_replies
     with exit_on_bad_input():
+        _check_flags()
         records = _records()
-        replies = []
-        for start in range(0, len(records), FLAGS.batch_size):
-            chunk = records[start:start + FLAGS.batch_size]
-            images = [load_image(r["image"]) if r.get("image") else None for r in chunk]
-            audios = [load_wav(r["audio"]) if r.get("audio") else None for r in chunk]
-            replies += chat_replies(
-                FLAGS.ckpt_dir, [r["prompt"] for r in chunk], FLAGS.max_new_tokens, FLAGS.temperature, FLAGS.top_k,
-                FLAGS.top_p, FLAGS.seed, FLAGS.threshold, FLAGS.refusal_mode,
-                images if any(x is not None for x in images) else None,
-                audios if any(x is not None for x in audios) else None,
-                [r.get("prefill") or "" for r in chunk], FLAGS.safety_prompt)
-    out = open(FLAGS.output_file, "w") if FLAGS.output_file else None
-    for reply in replies:
-        row = {"prompt": reply.prompt, "response": reply.text, "verdict": reply.verdict}
-        if reply.v_s is not None:
-            row.update(v_s=round(reply.v_s, 4), p_safe=round(reply.p_safe, 4), p_unsafe=round(reply.p_unsafe, 4))
-        if reply.cosine is not None:
-            row["cosine"] = round(reply.cosine, 4)
-        if out:
-            out.write(json.dumps(row) + "\n")
-        else:
-            scores = f" v_s={row['v_s']:.3f} p_unsafe={row['p_unsafe']:.3f}" if "v_s" in row else ""
-            scores += f" cosine={row['cosine']:.3f}" if "cosine" in row else ""
-            print(f"user: {reply.prompt}\nverdict: {reply.verdict}{scores}\nassistant: {reply.text}\n")
-    if out:
-        out.close()
-        print(f"wrote {len(replies)} replies to {FLAGS.output_file}", file=sys.stderr)
+        out_path = tmp_path = None
+        if FLAGS.output_file:
+            out_path = FLAGS.output_file
+            tmp_path = f"{out_path}.partial-{os.getpid()}"
+        done = 0
+        try:
+            with open(tmp_path, "w") if tmp_path else open(os.devnull, "w") as out:
+                for start in range(0, len(records), FLAGS.batch_size):
+                    chunk = records[start:start + FLAGS.batch_size]
+                    images = [r.get("image") for r in chunk]
+                    audios = [r.get("audio") for r in chunk]
+                    replies = chat_replies(
+                        FLAGS.ckpt_dir, [r["prompt"] for r in chunk], FLAGS.max_new_tokens, FLAGS.temperature,
+                        FLAGS.top_k, FLAGS.top_p, FLAGS.seed, FLAGS.threshold, FLAGS.refusal_mode,
+                        images if any(x is not None for x in images) else None,
+                        audios if any(x is not None for x in audios) else None,
+                        [r.get("prefill") or "" for r in chunk], FLAGS.safety_prompt)
+                    for reply in replies:
+                        row = _row(reply)
+                        if tmp_path:
+                            out.write(json.dumps(row) + "\n")
+                        else:
+                            scores = f" v_s={row['v_s']:.3f} p_unsafe={row['p_unsafe']:.3f}" if "v_s" in row else ""
+                            scores += f" cosine={row['cosine']:.3f}" if "cosine" in row else ""
+                            print(f"user: {reply.prompt}\nverdict: {reply.verdict}{scores}\nassistant: {reply.text}\n")
+                    out.flush()
+                    done += len(replies)
+        finally:
+            if tmp_path and os.path.exists(tmp_path):
+                if done:  # what finished is kept, whatever stopped the rest
+                    os.replace(tmp_path, out_path)
+                else:
+                    os.remove(tmp_path)
+                if done < len(records):
+                    print(f"stopped after {done} of {len(records)} replies; those are in {out_path}"
+                          if done else "stopped before the first reply; nothing written", file=sys.stderr)
+        if out_path:
+            print(f"wrote {done} replies to {out_path}", file=sys.stderr)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

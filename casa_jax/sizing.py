@@ -16,8 +16,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 from absl import app, flags
-from ml_collections import config_flags
 
+from casa_jax.cli import define_config_file, run
 from casa_jax.model.config import TextConfig
 from casa_jax.model.encoder_config import AudioConfig, VisionConfig
 from casa_jax.model.text_decoder import CausalLM, init_inputs
@@ -130,7 +130,7 @@ def memory_report(text: TextConfig, vision, audio, devices: int, mode: str = "lo
     return MemoryReport(devices, mesh, params / gib, grads / gib, optimizer / gib, activations / gib, trainable)
 
 
-config_flags.DEFINE_config_file("config", None, "Model config (configs/qwen2_5_omni_3b.py or _7b.py).")
+define_config_file("config", None, "Model config (configs/qwen2_5_omni_3b.py or _7b.py).")
 flags.DEFINE_enum("slice", "v5p-8", sorted(SLICES), "Cloud TPU slice.")
 flags.DEFINE_enum("mode", "lora", ["lora", "full"], "LoRA (frozen base) or full fine-tuning.")
 flags.DEFINE_integer("lora_rank", 16, "LoRA rank (mode=lora).")
@@ -158,4 +158,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    run(main)

@@ -14,19 +14,19 @@ import os
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from casa_jax.cli import exit_on_bad_input, quiet_libraries
+from casa_jax.cli import define_config_file, exit_on_bad_input, quiet_libraries, run
 
 # The tiny CASA config of this checkout is the default, so `python -m casa_jax.train` alone trains it.
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "casa_tiny.py")
-config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG if os.path.isfile(_DEFAULT_CONFIG) else None,
-                                "Training config file (default: configs/casa_tiny.py, objective casa; "
-                                "e.g. configs/casa_tiny.py:ssft).", lock_config=True)
+define_config_file("config", _DEFAULT_CONFIG if os.path.isfile(_DEFAULT_CONFIG) else None,
+                   "Training config file (default: configs/casa_tiny.py, objective casa; e.g. configs/casa_tiny.py:ssft).")
 flags.DEFINE_string("workdir", os.path.join("workdir", "casa_tiny"), "Output directory (config, metrics, "
                     "checkpoints, final checkpoint). Rerun with the same workdir to resume.")
 flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host Cloud TPU pods; "
                   "launch/tpu.py run sets it).")
+flags.DEFINE_bool("allow_config_change", False, "Continue a workdir's checkpoints under settings that differ from "
+                  "its config.json (the old one is kept as config.step_<N>.json).")
 FLAGS = flags.FLAGS
 
 
@@ -41,7 +41,7 @@ def main(argv):
     from casa_jax.casa.trainer import train
     with exit_on_bad_input():
         try:
-            final = train(FLAGS.config, FLAGS.workdir)
+            final = train(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)
         except FloatingPointError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
@@ -51,4 +51,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

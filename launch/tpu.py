@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REMOTE_DIR = "~/casa-jax"
 REMOTE_VENV = "~/casa-venv"
 LOG = "~/casa-jax-run.log"
+PIDFILE = "~/casa-jax-run.pid"
 ARCHIVE = "/tmp/casa-jax-code.tgz"
 RUNTIMES = {"v5p": "v2-alpha-tpuv5", "v5litepod": "v2-alpha-tpuv5-lite", "v6e": "v2-alpha-tpuv6e",
             "v4": "tpu-ubuntu2204-base"}
@@ -82,12 +84,13 @@ def run_commands(a, train_args: list[str]) -> list[list[str]]:
     args = " ".join(shlex.quote(x) for x in train_args)
     distributed = "--jax_distributed " if a.module == "casa_jax.train" else ""
     command = (f"cd {REMOTE_DIR} && . {REMOTE_VENV}/bin/activate && {env}nohup python -m {a.module} "
-               f"{distributed}{args} > {LOG} 2>&1 &")
+               f"{distributed}{args} > {LOG} 2>&1 & echo $! > {PIDFILE}")
     return [_ssh(a, command)]
 
 
 def logs_commands(a) -> list[list[str]]:
-    return [_ssh(a, f"tail -n 200 -f {LOG}", worker="0")]
+    # Follows the log until the run on worker 0 exits (tail --pid), so `all` goes on to teardown.
+    return [_ssh(a, f"tail -n 200 -f --pid=$(cat {PIDFILE}) {LOG}", worker="0")]
 
 
 def teardown_commands(a) -> list[list[str]]:
@@ -111,6 +114,11 @@ def _execute(commands: list[list[str]], dry_run: bool, a=None) -> None:
             raise SystemExit(f"command failed with status {result.returncode}: {shlex.join(cmd)}")
 
 
+def _interrupt(signum, frame):
+    del frame
+    raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("action", choices=["create", "setup", "sync", "run", "logs", "teardown", "all"])
@@ -132,9 +140,22 @@ def main(argv=None) -> None:
     steps = {"create": lambda: create_commands(a), "setup": lambda: setup_commands(a),
              "sync": lambda: sync_commands(a), "run": lambda: run_commands(a, extra),
              "logs": lambda: logs_commands(a), "teardown": lambda: teardown_commands(a)}
-    order = ["create", "setup", "run", "logs", "teardown"] if a.action == "all" else [a.action]
-    for action in order:
-        _execute(steps[action](), a.dry_run, a)
+    if a.action != "all":
+        _execute(steps[a.action](), a.dry_run, a)
+        return
+    # `all` creates a slice that bills until deleted: teardown runs however the rest ends (a failed step,
+    # Ctrl-C, SIGTERM, or SIGHUP when the terminal or ssh session that started it goes away).
+    _execute(steps["create"](), a.dry_run, a)
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        for action in ("setup", "run", "logs"):
+            _execute(steps[action](), a.dry_run, a)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print("tearing down (runs however the steps above ended)", file=sys.stderr, flush=True)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not skip the delete
+        _execute(steps["teardown"](), a.dry_run, a)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import random
 from typing import Callable, Sequence
 
 from casa_jax.casa.examples import Example
+from casa_jax.model.config import ConfigError
 
 BENIGN_TEMPLATE = "Sure, here is a helpful answer."
 PAPER_BENIGN_RATIO = 10_000 / 6_200
@@ -50,8 +51,9 @@ def split_examples(harmful_sets: Sequence[str], benign_sets: Sequence[str], num_
         for kind, sets, need in (("harmful", harmful_sets, sizes[0]), ("benign", benign_sets, sizes[1])):
             pool = split_prompts(sets, split, max_chars)
             if len(pool) < need:
-                raise ValueError(f"only {len(pool)} {kind} prompts of <= {max_chars} characters in the {split} split "
-                                 f"of {list(sets)}; need {need} (lower the count or add sets)")
+                raise ConfigError(f"only {len(pool)} {kind} prompts of <= {max_chars} characters in the {split} split "
+                                  f"of {list(sets)}; need {need} (lower --config.data.num_harmful, benign_ratio or "
+                                  "heldout_per_class, raise max_chars, or add sets)")
             rng.shuffle(pool)
             pools[split, kind] = pool[:need]
 

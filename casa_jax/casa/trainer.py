@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -39,36 +40,43 @@ from casa_jax.training.checkpointing import TrainCheckpoints, abstract_like
 from casa_jax.training.example_stream import ExampleStream, GrainStream
 from casa_jax.training.placement import (batch_sharding, data_parallel_size, decoder_shardings, global_batch, place,
                                          replicated, rules_from_config, state_shardings)
+from casa_jax.training.workdir import CHECKPOINT_DIR, CHECKPOINTS_DIR, WorkdirLock, check_resume, write_config
 
 log = logging.getLogger(__name__)
-CHECKPOINT_DIR = "checkpoint"  # the final, servable model
-CHECKPOINTS_DIR = "checkpoints"  # resumable training states (orbax CheckpointManager)
 
 
 class Preempted(SystemExit):
-    """Raised after SIGTERM once the current step is checkpointed; exit status 143 like a TERM'd process."""
+    """Raised after SIGTERM / SIGINT once the current step is checkpointed; exit status 128 + the signal
+    number (143 for SIGTERM, 130 for Ctrl-C), like a process ended by it."""
 
-    def __init__(self, step: int):
-        super().__init__(143)
+    def __init__(self, step: int, signum: int = signal.SIGTERM):
+        super().__init__(128 + int(signum))
         self.step = step
 
 
 class _PreemptionFlag:
-    """Set by SIGTERM (Cloud TPU's preemption notice); the loop checkpoints and stops at the step's end."""
+    """Set by SIGTERM (Cloud TPU's preemption notice) or Ctrl-C (SIGINT); the loop checkpoints and stops at
+    the step's end."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.value = False
-        self._previous = None
+        self.signal_name = None
+        self.signum = signal.SIGTERM
+        self._previous = {}
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
 
     def _handle(self, signum, frame):
-        del signum, frame
+        del frame
         self.value = True
+        self.signal_name = signal.Signals(signum).name
+        self.signum = signum
 
     def restore(self):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+        for s, previous in self._previous.items():
+            signal.signal(s, previous)
 
 
 def _global_batch_size(config, mesh) -> int:
@@ -175,15 +183,41 @@ def _check_lengths(tokenizer, examples, max_length: int, safety_prompt: bool) ->
                           "--config.data.max_chars")
 
 
-def train(config, workdir: str, progress: bool = True) -> dict:
-    """Run training as ``config`` says; returns the final metrics (held-out ones prefixed ``eval_``)."""
+def check_config(config) -> None:
+    """Settings that would fail late or train nothing, refused before any work with the key named."""
+    for key in ("num_train_steps", "batch_size", "grad_accum_steps", "log_every_steps", "eval_every_steps",
+                "checkpoint_every_steps"):
+        value = config.get(key)
+        if key == "batch_size" and config.get("per_device_batch_size"):
+            value = config.per_device_batch_size
+            key = "per_device_batch_size"
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"--config.{key}={value!r}: expected a positive integer")
+    try:
+        trainable_parts(config.objective)
+    except ValueError as e:
+        raise ConfigError(f"--config.objective: {e}") from None
+
+
+def train(config, workdir: str, progress: bool = True, allow_config_change: bool = False) -> dict:
+    """Run training as ``config`` says; returns the final metrics (held-out ones prefixed ``eval_``).
+
+    The workdir is locked for the run (a second trainer on it stops at once); resuming its checkpoints
+    under other settings is refused unless ``allow_config_change``."""
+    check_config(config)
+    os.makedirs(workdir, exist_ok=True)
+    if jax.process_index() != 0:
+        return _train(config, workdir, progress, allow_config_change)
+    with WorkdirLock(workdir):
+        return _train(config, workdir, progress, allow_config_change)
+
+
+def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> dict:
     objective = config.objective
     parts = trainable_parts(objective)
-    os.makedirs(workdir, exist_ok=True)
     writer_process = jax.process_index() == 0  # one process writes config, metrics and TensorBoard
-    if writer_process:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json_best_effort(indent=2))
+    config_json = config.to_json_best_effort(indent=2)
+    changes = check_resume(workdir, config_json, allow_config_change)
     casa_cfg = CasaConfig.from_dict(config.casa.to_dict())
     spec, params, encoders, tokenizer, sidecar = _base(config)
 
@@ -250,6 +284,10 @@ def train(config, workdir: str, progress: bool = True) -> dict:
     checkpoints = TrainCheckpoints(os.path.join(workdir, CHECKPOINTS_DIR), config.checkpoint_every_steps,
                                    config.keep_checkpoints)
     start = checkpoints.latest_step() or 0
+    if start > steps:
+        checkpoints.close()
+        raise ConfigError(f"{workdir} holds a run trained to step {start}, more than --config.num_train_steps={steps}; "
+                          "it would serve that model unchanged: use a new --workdir for a shorter run")
     if start:
         restored, data_state = checkpoints.restore(start, abstract_like(state))
         state = restored
@@ -257,7 +295,10 @@ def train(config, workdir: str, progress: bool = True) -> dict:
         key = jax.random.wrap_key_data(np.asarray(data_state["rng"], np.uint32))
         log.info("resumed from step %d (%s)", start, checkpoints.directory)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if writer_process:
+    if writer_process:  # the record is rewritten only once the checkpoints it describes are restored
+        write_config(workdir, config_json, changes, start)
+        if changes:
+            log.warning("continuing %s from step %d under changed settings: %s", workdir, start, sorted(changes))
         _truncate_metrics(metrics_path, start)
     preempted = _PreemptionFlag()
     final: dict = last_record(metrics_path)
@@ -297,8 +338,11 @@ def train(config, workdir: str, progress: bool = True) -> dict:
                 checkpoints.save(step, state, data_state, force=preempted.value or step == steps)
                 if preempted.value:
                     checkpoints.wait()
-                    log.warning("SIGTERM: saved step %d to %s; exiting", step, checkpoints.directory)
-                    raise Preempted(step)
+                    message = (f"{preempted.signal_name}: saved step {step} of {steps} to {checkpoints.directory}; "
+                               "rerun the same command to continue")
+                    log.warning(message)
+                    print(message, file=sys.stderr, flush=True)
+                    raise Preempted(step, preempted.signum)
     finally:
         checkpoints.close()
         preempted.restore()

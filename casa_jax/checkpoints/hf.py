@@ -98,6 +98,9 @@ def _place(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Arr
     return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
 
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")  # safetensors dtype names of weights we import
+
+
 def _tensor_count(rules: list[Rule]) -> int:
     return sum(r.num_layers if r.per_layer else 1 for r in rules)
 
@@ -116,6 +119,12 @@ def load_hf_checkpoint(hf_dir: str, shardings: Any = None, param_dtype: str | No
     files = SafetensorsDir(hf_dir)
     rules = checkpoint_rules(spec)
     check_tensor_set(files, spec, rules)
+    not_float = {k: files.dtype(k) for k in files.keys() if files.dtype(k) not in FLOAT_DTYPES}
+    if not_float:
+        shown = ", ".join(f"{k} ({d})" for k, d in list(not_float.items())[:5])
+        raise CheckpointError(f"{hf_dir}: {len(not_float)} weight tensors are not floating point: {shown}"
+                              f"{' ...' if len(not_float) > 5 else ''}; expected F32, F16 or BF16 (quantized "
+                              "integer weights must be dequantized first)")
     cast = np.dtype(jax.numpy.dtype(param_dtype)) if param_dtype else None
 
     params: dict = {}

@@ -59,12 +59,29 @@ def evaluate(ckpt_dir: str, workdir: str, suites=(), prompts_file=None, per_suit
     return report
 
 
-def report_name(ckpt_dir: str) -> str:
-    """A short name for a checkpoint's report: its folder, or the train workdir's for ``.../checkpoint``."""
-    name = os.path.basename(os.path.normpath(ckpt_dir)) or "checkpoint"
-    if name == "checkpoint":
-        name = os.path.basename(os.path.dirname(os.path.normpath(ckpt_dir)))
-    return name
+def report_name(ckpt_dir: str, depth: int = 1) -> str:
+    """A short name for a checkpoint's report: its folder (or the train workdir's for ``.../checkpoint``),
+    with ``depth - 1`` more parent folders joined by ``_`` where shorter names collide."""
+    parts = [p for p in os.path.normpath(os.path.abspath(ckpt_dir)).split(os.sep) if p]
+    if len(parts) > 1 and parts[-1] == "checkpoint":
+        parts = parts[:-1]
+    return "_".join(parts[-depth:]) or "checkpoint"
+
+
+def report_names(ckpt_dirs) -> list[str]:
+    """One distinct report name per checkpoint (``a/casa/checkpoint`` and ``b/casa/checkpoint`` become
+    ``a_casa`` and ``b_casa``); the same checkpoint given twice is an error."""
+    from casa_jax.processing import InputError
+    real = [os.path.realpath(c) for c in ckpt_dirs]
+    twice = sorted({c for c in ckpt_dirs if real.count(os.path.realpath(c)) > 1})
+    if twice:
+        raise InputError(f"--ckpt_dir given more than once for the same checkpoint: {twice}")
+    depth = 1
+    while True:
+        names = [report_name(c, depth) for c in ckpt_dirs]
+        if len(set(names)) == len(names):
+            return names
+        depth += 1
 
 
 def print_summary(reports: dict, workdir: str) -> None:

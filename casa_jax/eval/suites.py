@@ -9,7 +9,8 @@ import itertools
 from typing import Any, Sequence
 
 from casa_jax.attacks import audio, images, text
-from casa_jax.data.prompts_io import read_jsonl
+from casa_jax.data.prompts_io import read_jsonl_lines
+from casa_jax.model.config import ConfigError
 
 SUITES = ("text", "jailbreak", "prefill", "figstep", "typo", "spoken", "spelling", "benign", "benign_jbb")
 MODALITY = {"text": "text", "jailbreak": "text", "prefill": "text", "benign": "text", "benign_jbb": "text",
@@ -45,7 +46,7 @@ def split_prompts(names: Sequence[str], limit: int | None, split: str = "test") 
     sets in turn (each set sorted by id) so every set is represented."""
     from casa_jax.eval.splits import unique_split_records
     if split not in EVAL_SPLITS:
-        raise ValueError(f"split {split!r}: expected one of {EVAL_SPLITS} (train prompts are never evaluated)")
+        raise ConfigError(f"split {split!r}: expected one of {EVAL_SPLITS} (train prompts are never evaluated)")
     per_set: dict[str, list[dict]] = {name: [] for name in names}
     for name, record in unique_split_records(names, split, sort_by_id=True):
         per_set[name].append(record)
@@ -66,7 +67,7 @@ def build_items(suites: Sequence[str], per_suite: int | None, tokenizer=None, se
     ``benign_limit`` (default ``per_suite``) prompts per over-refusal set."""
     unknown = sorted(set(suites) - set(SUITES))
     if unknown:
-        raise ValueError(f"unknown suites {unknown}; expected some of {SUITES}")
+        raise ConfigError(f"--suites: unknown suites {unknown}; expected some of {SUITES}")
     harmful = split_prompts(harmful_sets, per_suite, split)
     items: list[Item] = []
     for suite in suites:
@@ -103,10 +104,10 @@ def items_from_file(path: str) -> list[Item]:
     from casa_jax.processing import InputError
     items = []
     try:
-        records = list(read_jsonl(path))
+        records = list(read_jsonl_lines(path))
     except (OSError, ValueError) as e:
         raise InputError(f"--prompts: {e}") from e
-    for i, r in enumerate(records, 1):
+    for i, r in records:
         if not isinstance(r, dict) or not isinstance(r.get("prompt"), str) or "label" not in r:
             raise InputError(f"{path}:{i}: each record needs a string 'prompt' and a 'label'")
         label = r["label"]

@@ -64,6 +64,10 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
     from casa_jax.sampling.strategies import from_temperature
 
     model, tokenizer = _loaded(ckpt_dir)  # first: says plainly when ckpt_dir is no checkpoint
+    if not model.is_casa and (threshold is not None or refusal_mode):
+        from casa_jax.model.config import ConfigError
+        raise ConfigError(f"{ckpt_dir}: --threshold/--refusal_mode apply to CASA models only; this checkpoint is "
+                          f"{model.objective or 'an untrained base model'!s} and would ignore them")
     strategy = from_temperature(temperature, top_k, top_p)
     pad = tokenizer.pad_token_id or 0
     eos = _eos_ids(tokenizer)
@@ -93,6 +97,9 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
             conversations.append([{"role": "user", "content": content}])
         arrays = processor.from_messages(conversations, resample_audio=True)
     ids = [render_prompt(tokenizer, p, safety_prompt) for p in prompts]
+    lengths = (list(arrays["attention_mask"].sum(-1)) if has_media else [len(i) for i in ids])
+    check_context(model.spec.text.max_position_embeddings, prompts, lengths, [len(p) for p in prefill_ids],
+                  max_new_tokens)
 
     if model.is_casa:
         from casa_jax.sampling.conditional import ConditionalSampler
@@ -134,6 +141,19 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
             verdict = "refused" if is_refusal(text[len(prefix):]) else "answered"
         replies.append(Reply(prompt, text, verdict, cosine=cos, prefill=prefix))
     return replies
+
+
+def check_context(context: int, prompts: Sequence[str], lengths: Sequence[int], prefill_lengths: Sequence[int],
+                  max_new_tokens: int) -> None:
+    """Refuse a prompt that, with its prefill, the safety token and ``max_new_tokens``, would run past the
+    model's context (positions beyond it are out of distribution: the verdict is no longer meaningful)."""
+    from casa_jax.processing import InputError
+    for prompt, n, extra in zip(prompts, lengths, prefill_lengths):
+        need = int(n) + int(extra) + 1 + max_new_tokens
+        if need > context:
+            raise InputError(f"prompt {prompt[:40]!r}... takes {int(n)} tokens; with the prefill, the safety token "
+                             f"and max_new_tokens={max_new_tokens} it needs {need} positions, more than the model's "
+                             f"context of {context}")
 
 
 CB_REROUTED_BELOW = 0.5  # mean cosine under which a Circuit-Breaker model counts as having rerouted
