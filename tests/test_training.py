@@ -176,8 +176,22 @@ def _train_cmd(workdir, *extra):
             *extra]
 
 
-def _losses(workdir):
-    return [(r["step"], r["loss"], r.get("eval_loss")) for r in map(json.loads, open(workdir / "metrics.jsonl"))]
+WALL_CLOCK = "elapsed_s"  # seconds since the process started: the one field a resumed run cannot repeat
+
+
+def _rows(workdir, drop=(WALL_CLOCK,)):
+    """Every row of metrics.jsonl, every field but those in ``drop``."""
+    return [{k: v for k, v in r.items() if k not in drop} for r in map(json.loads, open(workdir / "metrics.jsonl"))]
+
+
+def _assert_same_metrics(resumed, straight):
+    """All rows, all fields, exact, except ``elapsed_s`` (which must differ: it restarts at the resume)."""
+    got, want = _rows(resumed), _rows(straight)
+    assert got == want
+    assert len(want) == 40 and [r["step"] for r in want] == list(range(1, 41))
+    assert {"loss", "grad_norm", "lm_loss", "eval_loss", "eval_lm_loss"} <= set(want[19]), want[19]
+    assert all(WALL_CLOCK in r for r in _rows(straight, drop=()))  # the excluded field is really there...
+    assert _rows(resumed, drop=()) != _rows(straight, drop=())  # ...and is why the raw files differ
 
 
 def _finished_steps(workdir):
@@ -186,6 +200,9 @@ def _finished_steps(workdir):
 
 
 def test_kill_and_resume_is_bitwise_identical(tmp_path):
+    """A run SIGKILLed after its step-20 checkpoint and restarted writes the same metrics.jsonl as one
+    that never stopped: every row and every field exactly (losses, gradient norm, safety metrics, eval_*),
+    except ``elapsed_s``, the wall clock since the process started, which is excluded by name."""
     straight = tmp_path / "straight"
     r = subprocess.run(_train_cmd(straight), capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -203,7 +220,7 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     r = subprocess.run(_train_cmd(resumed), capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"resumed from step {killed_at}" in r.stderr
-    assert _losses(resumed) == _losses(straight)  # every step, bitwise
+    _assert_same_metrics(resumed, straight)  # every step, every field but elapsed_s, bitwise
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(straight / "tensorboard"))
     assert json.load(open(straight / "config.json"))["num_train_steps"] == 40
 
@@ -219,7 +236,7 @@ def test_sigterm_checkpoints_then_exits(tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 143, err[-2000:]
-    last = _losses(workdir)[-1][0]
+    last = _rows(workdir)[-1]["step"]
     assert "SIGTERM: saved step" in err and last in _finished_steps(workdir)
 
 
@@ -237,7 +254,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 
 def test_tfds_grain_pipeline_resumes_exactly(tmp_path):
     """data.source=tfds: the casa_prompts TFDS dataset is built as array_record without TensorFlow, read
-    by grain; a run stopped by SIGTERM and restarted gives the same losses as one that never stopped."""
+    by grain; a run stopped by SIGTERM and restarted gives the same metrics.jsonl as one that never
+    stopped (every row and field exactly, except the wall-clock ``elapsed_s``)."""
     tfds_dir = tmp_path / "tfds"
     extra = ["--config.data.source=tfds", f"--config.data.tfds_data_dir={tfds_dir}"]
     straight = tmp_path / "straight"
@@ -260,7 +278,7 @@ def test_tfds_grain_pipeline_resumes_exactly(tmp_path):
     assert "grain" in data_state["stream"] and len(data_state["rng"]) == 2  # iterator position + RNG key
     r = subprocess.run(_train_cmd(stopped, *extra), capture_output=True, text=True, cwd=ROOT, env=ONE_DEVICE)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert _losses(stopped) == _losses(straight)
+    _assert_same_metrics(stopped, straight)
     probe = subprocess.run([sys.executable, "-c", PROBE.format(str(tfds_dir))], capture_output=True, text=True,
                            cwd=ROOT)
     sizes = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else probe.stderr[-2000:]
