@@ -197,6 +197,13 @@ def check_config(config) -> None:
         trainable_parts(config.objective)
     except ValueError as e:
         raise ConfigError(f"--config.objective: {e}") from None
+    from casa_jax.data.prompts_io import load_prompts
+    for key in ("harmful_sets", "benign_sets"):
+        for name in config.data[key]:
+            try:
+                load_prompts(name)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"--config.data.{key}: {e}") from None
 
 
 def train(config, workdir: str, progress: bool = True, allow_config_change: bool = False) -> dict:

@@ -63,7 +63,7 @@ class SafetensorsDir:
         self.ignored: list[str] = []
         styles: dict[str, list[str]] = {"thinker.": [], "bare": []}
         for path in self.files:
-            with safe_open(path, framework="np") as f:
+            with _open_safetensors(path) as f:
                 for key in f.keys():
                     canon = canonical_key(key)
                     if canon is None:
@@ -126,8 +126,20 @@ class SafetensorsDir:
 
     def read(self, key: str) -> np.ndarray:
         path, original = self._location[key]
-        with safe_open(path, framework="np") as f:
-            return f.get_tensor(original)
+        with _open_safetensors(path) as f:
+            try:
+                return f.get_tensor(original)
+            except Exception as e:  # safetensors raises its own error type for short reads
+                raise CheckpointError(f"{path}: cannot read tensor {original!r} ({e}); the file is truncated or "
+                                      "corrupt") from e
+
+
+def _open_safetensors(path: str):
+    """``safe_open`` with a truncated or non-safetensors file reported as a ``CheckpointError`` naming it."""
+    try:
+        return safe_open(path, framework="np")
+    except Exception as e:  # SafetensorError is not exported under a stable name
+        raise CheckpointError(f"{path}: cannot read as safetensors ({e}); the file is truncated or corrupt") from e
 
 
 @contextlib.contextmanager

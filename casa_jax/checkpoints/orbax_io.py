@@ -89,6 +89,9 @@ def restore_checkpoint(ckpt_dir: str, shardings: Any = None, **policy) -> Loaded
     each array; by default everything lands on the first device."""
     spec = load_spec(ckpt_dir, **policy)
     state_dir = os.path.join(os.path.abspath(ckpt_dir), STATE_DIR)
+    if not os.path.isfile(os.path.join(state_dir, "_CHECKPOINT_METADATA")):
+        raise CheckpointError(f"{ckpt_dir}: has no weights ({STATE_DIR}/ is missing or incomplete); the checkpoint "
+                              "was not fully written: convert or train it again")
     checkpointer = ocp.StandardCheckpointer()
     tree = checkpointer.metadata(state_dir).item_metadata.tree
     default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -104,7 +107,11 @@ def restore_checkpoint(ckpt_dir: str, shardings: Any = None, **policy) -> Loaded
         target["params"] = jax.tree.map(abstract, tree["params"])
     else:
         target["params"] = jax.tree.map(abstract, tree["params"], shardings)
-    state = checkpointer.restore(state_dir, target)
+    try:
+        state = checkpointer.restore(state_dir, target)
+    except Exception as e:  # tensorstore reports a short or corrupt file as a plain Exception
+        raise CheckpointError(f"{state_dir}: cannot read the weights ({str(e).splitlines()[0][:160]}); the files "
+                              "are truncated or corrupt: convert or train the checkpoint again") from e
     meta = read_meta(ckpt_dir)
     extra = {k: v for k, v in state.items() if k not in ("params", "encoders")}
     builtin = {"format", "version", "model_type", "text_config"}
