@@ -1,10 +1,13 @@
-"""Tiny random Hugging Face checkpoints, made with transformers itself, in every layout we read."""
+"""Tiny random Hugging Face checkpoints with sharp weights, made with transformers itself, in every layout
+we read; plus the edits the negative controls break our side with."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 
+import numpy as np
 import torch
 import transformers
 from safetensors.torch import load_file, save_file
@@ -22,7 +25,7 @@ def make_qwen2(path: str, seed: int = 0, tie: bool = False, max_shard_size: str 
     cfg = transformers.Qwen2Config(**{**TEXT, **text}, tie_word_embeddings=tie,
                                    rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     model = transformers.Qwen2ForCausalLM(cfg).eval()
-    _randomize_norms(model)
+    sharpen(model, seed)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return path
 
@@ -33,7 +36,7 @@ def make_llama(path: str, seed: int = 0, tie: bool = True, rope_theta: float = 1
     cfg = transformers.LlamaConfig(**{**TEXT, "rms_norm_eps": 1e-5, **text}, tie_word_embeddings=tie,
                                    rope_parameters={"rope_type": "default", "rope_theta": rope_theta})
     model = transformers.LlamaForCausalLM(cfg).eval()
-    _randomize_norms(model)
+    sharpen(model, seed)
     model.save_pretrained(path)
     return path
 
@@ -54,7 +57,7 @@ def make_thinker(path: str, seed: int = 0, mrope_section=(2, 1, 1), tie: bool = 
                                                 audio_config={**AUDIO, **(audio or {})}, tie_word_embeddings=tie,
                                                 **THINKER_TOKENS)
     model = transformers.Qwen2_5OmniThinkerForConditionalGeneration(cfg).eval()
-    _randomize_norms(model)
+    sharpen(model, seed)
     model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return path
 
@@ -87,14 +90,86 @@ def make_hub_omni(thinker_dir: str, path: str, shards: int = 1) -> str:
     return path
 
 
-def _randomize_norms(model: torch.nn.Module) -> None:
-    """Norm weights start at 1 and biases at 0; perturb them so a mapping bug cannot hide."""
+# Sharp weights (DESIGN "Tolerances"): default init (std 0.02) gives near-uniform attention and logits of
+# ~0.1, under which a RoPE, mask or mapping bug hides; these give peaked attention and logits of O(1-10).
+SHARP_GAIN = 1.6  # std = SHARP_GAIN / sqrt(fan_in); an embedding's fan-in is its width (it is the tied head)
+SHARP_BIAS = 0.3  # bias std
+SHARP_NORM = (0.5, 1.5)  # norm weights uniform in this range
+
+
+def sharpen_tensors(tensors: dict, seed: int = 0) -> dict:
+    """Redraw ``name -> tensor`` (torch layout ``[out, *in]``) in place, seeded, in sorted name order:
+    matrices, convolutions and embeddings std SHARP_GAIN / sqrt(fan_in), biases std SHARP_BIAS, other 1-D
+    weights (norms) uniform in SHARP_NORM."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("layernorm.weight"):
-                p.add_(0.1 * torch.randn_like(p))
-            elif name.endswith("_proj.bias"):
-                p.copy_(0.1 * torch.randn_like(p))
+        for name in sorted(tensors):
+            t = tensors[name]
+            if not t.is_floating_point():
+                continue
+            if t.ndim >= 2:
+                value = SHARP_GAIN / math.sqrt(t[0].numel()) * torch.randn(t.shape, generator=gen)
+            elif name.endswith("bias"):
+                value = SHARP_BIAS * torch.randn(t.shape, generator=gen)
+            else:
+                lo, hi = SHARP_NORM
+                value = lo + (hi - lo) * torch.rand(t.shape, generator=gen)
+            t.copy_(value.to(t.dtype))
+    return tensors
+
+
+def sharpen(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``sharpen_tensors`` on a transformers model's parameters (a tied head is drawn once, as the embedding)."""
+    sharpen_tensors(dict(model.named_parameters()), seed)
+    return model
+
+
+def sharpen_dir(path: str, seed: int = 0) -> str:
+    """``sharpen_tensors`` on every safetensors file of a checkpoint directory (written by anyone), rewritten
+    in place; config, tokenizer and index are untouched."""
+    names = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    for i, name in enumerate(names):
+        tensors = load_file(os.path.join(path, name))
+        save_file(sharpen_tensors(tensors, seed + i), os.path.join(path, name), metadata={"format": "pt"})
+    return path
+
+
+def sharp_params(cfg, seed: int = 0) -> dict:
+    """Decoder params (NumPy) for a casa-jax ``TextConfig``: ``sharpen_tensors`` draws them in the Hugging Face
+    layout, our import rules (``name_map.text_rules``) map them to the params tree."""
+    from casa_jax.checkpoints.name_map import text_rules
+    rules = text_rules(cfg)
+    keys = {r.path: [r.hf_key.format(layer=i) for i in range(r.num_layers)] if r.per_layer else [r.hf_key]
+            for r in rules}
+    tensors = sharpen_tensors({k: torch.empty(r.hf_shape) for r in rules for k in keys[r.path]}, seed)
+    params: dict = {}
+    for r in rules:
+        values = [r.to_jax(tensors[k].numpy()) for k in keys[r.path]]
+        node = params
+        for name in r.path[:-1]:
+            node = node.setdefault(name, {})
+        node[r.path[-1]] = np.stack(values) if r.per_layer else values[0]
+    return params
+
+
+# Negative controls: breaks applied on our side only, so transformers' logits stay the reference.
+
+def replace_leaf(tree: dict, path: tuple[str, ...], fn) -> dict:
+    """A copy of the nested dict ``tree`` with the leaf at ``path`` replaced by ``fn(leaf)`` (the rest shared)."""
+    head, *rest = path
+    return {**tree, head: replace_leaf(tree[head], tuple(rest), fn) if rest else fn(tree[head])}
+
+
+def zero_qkv_bias(params: dict) -> dict:
+    """Decoder params with the q/k/v biases dropped (zero)."""
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        params = replace_leaf(params, ("layers", "self_attn", proj, "bias"), np.zeros_like)
+    return params
+
+
+def pad_key_visible(mask):
+    """The attention mask shifted by one slot: each left-padded row also attends to its last pad."""
+    return mask | np.roll(mask, -1, axis=1)
 
 
 def make_llama_gguf(path: str, seed: int = 0, types: dict | None = None, **text) -> str:
@@ -113,7 +188,7 @@ def make_llama_gguf(path: str, seed: int = 0, types: dict | None = None, **text)
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
         **cfg, tie_word_embeddings=True,
         rope_parameters={"rope_type": "default", "rope_theta": 100000.0})).eval()
-    _randomize_norms(model)
+    sharpen(model, seed)
     h, kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
 
     def permute(w, n):  # convert_hf_to_gguf.LlamaModel.permute

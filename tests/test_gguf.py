@@ -47,31 +47,74 @@ def test_file_uses_every_quantization_type(gguf_file):
     assert kinds == {"F32", "F16", "Q8_0", "Q4_1"}
 
 
-def test_logits_and_tokens_equal_transformers_gguf_loading(gguf_file, converted):
+@pytest.fixture(scope="module")
+def gguf_parity(gguf_file, converted):
+    """Chat ids, transformers' fp32 logits from its own GGUF loading, our checkpoint, and a compiled forward."""
     import jax
 
     from casa_jax.checkpoints.orbax_io import restore_checkpoint
     from casa_jax.model.rope import positions_from_mask
     from casa_jax.model.text_decoder import CausalLM
-    from casa_jax.sampling.chat import load_tokenizer
 
     folder, name = os.path.dirname(gguf_file), os.path.basename(gguf_file)
     ref_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    ours_tok = load_tokenizer(converted)
     ids = ref_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False)
-    assert ours_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False) == ids
-    assert ours_tok.decode(ids).startswith("<|im_start|>system\nYou are a helpful assistant.")
-
     ref = transformers.LlamaForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32,
                                                         attn_implementation="eager").eval()
     with torch.no_grad():
         expected = ref(torch.tensor([ids])).logits.numpy()
     loaded = restore_checkpoint(converted)
-    assert loaded.spec.model_type == "llama" and not loaded.spec.text.attention_bias
     batch = np.asarray([ids]); mask = np.ones_like(batch)
-    got = jax.jit(lambda p: CausalLM(loaded.spec.text).apply({"params": p}, batch, positions_from_mask(mask),
-                                                              mask).logits)(loaded.params)
-    np.testing.assert_allclose(np.asarray(got), expected, atol=1e-4)
+    forwards = {}
+
+    def ours(cfg, params):
+        if cfg not in forwards:
+            model = CausalLM(cfg)
+            positions = positions_from_mask(mask)
+            forwards[cfg] = jax.jit(lambda p: model.apply({"params": p}, batch, positions, mask).logits)
+        return np.asarray(forwards[cfg](params))
+    return ids, expected, loaded, ours, mask
+
+
+def test_logits_and_tokens_equal_transformers_gguf_loading(gguf_file, converted, gguf_parity):
+    from casa_jax.parity import compare, logit_scale
+    from casa_jax.sampling.chat import load_tokenizer
+
+    ids, expected, loaded, ours, mask = gguf_parity
+    ours_tok = load_tokenizer(converted)
+    assert ours_tok.apply_chat_template(CHAT, add_generation_prompt=True, tokenize=True, return_dict=False) == ids
+    assert ours_tok.decode(ids).startswith("<|im_start|>system\nYou are a helpful assistant.")
+    assert loaded.spec.model_type == "llama" and not loaded.spec.text.attention_bias
+    diff, _, _ = compare(expected, ours(loaded.spec.text, loaded.params), mask)
+    scale = logit_scale(expected, mask)
+    print(f"tiny GGUF: max |logit diff| {diff:.3e}, logit scale {scale:.3g}")
+    assert scale >= 4 and diff <= 1e-4 * scale, (diff, scale)  # sharp weights; parity.DEFAULT_ATOL
+
+
+def _llama_cpp_order(kernel):
+    """Our [embed, heads, head_dim] q/k kernel with each head's rows in llama.cpp's permuted order."""
+    d = kernel.shape[-1]
+    return np.asarray(kernel).reshape(*kernel.shape[:-1], 2, d // 2).swapaxes(-1, -2).reshape(kernel.shape)
+
+
+@pytest.mark.parametrize("control", ["qk_rows_not_unpermuted", "rope_freq_base_ignored"])
+def test_gguf_parity_fails_on_a_broken_import(gguf_parity, control):
+    """Negative controls: q/k rows left in llama.cpp's order, or rope_freq_base (1e5) read as the usual
+    1e4, fail the same check."""
+    from casa_jax.parity import compare, logit_scale
+
+    _, expected, loaded, ours, mask = gguf_parity
+    cfg, params = loaded.spec.text, loaded.params
+    if control == "qk_rows_not_unpermuted":
+        for proj in ("q_proj", "k_proj"):
+            params = fx.replace_leaf(params, ("layers", "self_attn", proj, "kernel"), _llama_cpp_order)
+    else:
+        assert cfg.rope_theta == 100000.0
+        cfg = cfg.replace(rope_theta=10000.0)
+    diff, _, _ = compare(expected, ours(cfg, params), mask)
+    limit = 1e-4 * logit_scale(expected, mask)
+    print(f"{control}: max |logit diff| {diff:.3e} = {diff / limit:.3g} x tolerance")
+    assert diff > limit
 
 
 def test_unpermute_inverts_llama_cpp_permute():

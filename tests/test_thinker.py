@@ -1,6 +1,9 @@
-"""Multimodal thinker parity with transformers' Qwen2_5OmniThinkerForConditionalGeneration (fp32, eager):
-encoder outputs and logits for text+image, text+video, text+audio, mixed, two image sizes, and the
-KV cache after a multimodal prefill."""
+"""Multimodal thinker parity with transformers' Qwen2_5OmniThinkerForConditionalGeneration (fp32, eager,
+sharp weights): logits for text+image, text+video, text+audio, mixed, two image sizes, the KV cache
+after a multimodal prefill, and negative controls (the same check fails on a thinker broken on our side
+in its text, vision or audio path)."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +16,7 @@ import hf_fixtures as fx
 from casa_jax.checkpoints.hf import load_hf_checkpoint
 from casa_jax.model.kv_cache import KVCache
 from casa_jax.model.thinker import Thinker
+from casa_jax.parity import ParityResult, compare, logit_scale
 
 TK = fx.THINKER_TOKENS
 IMAGE, VIDEO, AUDIO = TK["image_token_index"], TK["video_token_index"], TK["audio_token_index"]
@@ -64,28 +68,62 @@ def _batch(rows):
     return ids, mask
 
 
-def _compare(models, ids, mask, **media):
-    hf, thinker, loaded, forward = models
+def _hf_logits(hf, ids, mask, media):
     torch_inputs = {k: torch.tensor(np.asarray(v)) for k, v in media.items() if k != "video_second_per_grid"}
     if "video_second_per_grid" in media:
         torch_inputs["video_second_per_grid"] = torch.tensor(media["video_second_per_grid"])
     with torch.no_grad():
-        ref = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **torch_inputs).logits.numpy()
+        return hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), **torch_inputs).logits.numpy()
+
+
+def _result(ref, ours, mask, case="") -> ParityResult:
+    diff, kl, n = compare(ref, ours, mask)
+    return ParityResult(diff, kl, n, "Thinker", case=case, logit_scale=logit_scale(ref, mask))
+
+
+def _compare(models, ids, mask, **media):
+    """fp32 parity: max |logit diff| <= parity.DEFAULT_ATOL x max(1, max |logit|), on sharp logits."""
+    hf, thinker, loaded, forward = models
+    ref = _hf_logits(hf, ids, mask, media)
     inputs = thinker.prepare(input_ids=ids, attention_mask=mask, **media)
-    out = np.asarray(forward(loaded.params, loaded.encoders, inputs))
-    real = mask.astype(bool)
-    diff = np.abs(out[real] - ref[real]).max()
-    assert diff <= 1e-4, diff
+    result = _result(ref, np.asarray(forward(loaded.params, loaded.encoders, inputs)), mask)
+    assert result.logit_scale >= 4 and result.passes("float32"), result
     return inputs
 
 
-def test_text_and_two_image_sizes(models):
+def _text_case():
+    rng = np.random.default_rng(8)
+    return (*_batch([_text(rng, 11), _text(rng, 6), _text(rng, 8)]), {})
+
+
+def _image_case():
     rng = np.random.default_rng(0)
     (p1, g1), (p2, g2) = _image(rng, (1, 10, 6)), _image(rng, (1, 4, 8))
     rows = [_text(rng, 5) + [V_START] + [IMAGE] * (60 // MERGE) + [V_END] + _text(rng, 4),
             _text(rng, 3) + [V_START] + [IMAGE] * (32 // MERGE) + [V_END] + _text(rng, 2)]
-    ids, mask = _batch(rows)
-    _compare(models, ids, mask, pixel_values=np.concatenate([p1, p2]), image_grid_thw=np.array([g1, g2]))
+    return (*_batch(rows), dict(pixel_values=np.concatenate([p1, p2]), image_grid_thw=np.array([g1, g2])))
+
+
+def _audio_case():
+    rng = np.random.default_rng(2)
+    f1, m1 = _audio(rng, 45, 60)
+    f2, m2 = _audio(rng, 60, 60)
+    rows = [_text(rng, 4) + [A_START] + [AUDIO] * _audio_tokens(45) + [A_END] + _text(rng, 2),
+            _text(rng, 2) + [A_START] + [AUDIO] * _audio_tokens(60) + [A_END] + _text(rng, 5)]
+    return (*_batch(rows), dict(input_features=np.stack([f1, f2]), feature_attention_mask=np.stack([m1, m2])))
+
+
+CASES = {"text": _text_case, "image": _image_case, "audio": _audio_case}
+
+
+def test_text_only_batch(models):
+    ids, mask, media = _text_case()
+    _compare(models, ids, mask, **media)
+
+
+def test_text_and_two_image_sizes(models):
+    ids, mask, media = _image_case()
+    _compare(models, ids, mask, **media)
 
 
 def test_text_and_video(models):
@@ -98,13 +136,8 @@ def test_text_and_video(models):
 
 
 def test_text_and_audio_batch(models):
-    rng = np.random.default_rng(2)
-    f1, m1 = _audio(rng, 45, 60)
-    f2, m2 = _audio(rng, 60, 60)
-    rows = [_text(rng, 4) + [A_START] + [AUDIO] * _audio_tokens(45) + [A_END] + _text(rng, 2),
-            _text(rng, 2) + [A_START] + [AUDIO] * _audio_tokens(60) + [A_END] + _text(rng, 5)]
-    ids, mask = _batch(rows)
-    _compare(models, ids, mask, input_features=np.stack([f1, f2]), feature_attention_mask=np.stack([m1, m2]))
+    ids, mask, media = _audio_case()
+    _compare(models, ids, mask, **media)
 
 
 def test_mixed_image_audio_video(models):
@@ -145,7 +178,8 @@ def test_kv_cache_after_multimodal_prefill(models):
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(full_ids), attention_mask=torch.ones_like(torch.tensor(full_ids)),
                  pixel_values=torch.tensor(pix), image_grid_thw=torch.tensor([grid])).logits.numpy()[0, -2:]
-    assert np.abs(np.stack(logits) - ref).max() <= 1e-4
+    result = _result(ref[None], np.stack(logits)[None], np.ones((1, 2)))
+    assert result.passes("float32"), result
 
 
 def test_placeholder_count_mismatch_is_an_error(models):
@@ -183,3 +217,71 @@ def test_sampler_generates_like_transformers_after_image_prefill(models):
                           do_sample=False, pad_token_id=0, eos_token_id=None)
     assert ours == ref[:, ids.shape[1]:].tolist()
     assert any(len(set(row)) > 1 for row in ours), ours  # not a degenerate constant output
+
+
+# ---- negative controls: the thinker broken on our side only (transformers' logits stay the reference) ----
+
+def _with(thinker, params, encoders, text=None, vision=None, audio=None):
+    """The thinker with some fields of its text / vision / audio config replaced (a config read wrongly)."""
+    changed = {k: dataclasses.replace(getattr(thinker, k), **v) for k, v in
+               (("text", text), ("vision", vision), ("audio", audio)) if v}
+    return dataclasses.replace(thinker, **changed), params, encoders, None
+
+
+def _unit_norm(encoders, *path):
+    """Encoder params with the norm at ``path`` reset to scale 1 and bias 0: a dropped norm."""
+    return fx.replace_leaf(encoders, path, lambda norm: {k: (np.ones_like if k == "scale" else np.zeros_like)(v)
+                                                         for k, v in norm.items()})
+
+
+# path -> control -> (thinker, params, encoders) -> (thinker, params, encoders, attention-mask edit or None)
+THINKER_CONTROLS = {
+    "text": {
+        "rope_theta_x10": lambda th, p, e: _with(th, p, e, text=dict(rope_theta=10 * th.text.rope_theta)),
+        "pad_key_visible": lambda th, p, e: (th, p, e, fx.pad_key_visible),
+        "no_qkv_bias": lambda th, p, e: (th, fx.zero_qkv_bias(p), e, None),
+    },
+    "image": {
+        # M-RoPE sections in the wrong order: text tokens (equal streams) cannot see it, image tokens can
+        "mrope_section_permuted": lambda th, p, e: _with(th, p, e, text=dict(mrope_section=(1, 2, 1))),
+        "vision_rope_theta_x10": lambda th, p, e: _with(th, p, e,
+                                                        vision=dict(rope_theta=10 * th.vision.rope_theta)),
+        "window_attention_in_every_block": lambda th, p, e: _with(th, p, e, vision=dict(fullatt_block_indexes=())),
+        "no_merger_norm": lambda th, p, e: (th, p, _unit_norm(e, "visual", "merger", "ln_q"), None),
+    },
+    "audio": {
+        "audio_chunks_twice_as_long": lambda th, p, e: _with(th, p, e, audio=dict(n_window=2 * th.audio.n_window)),
+        "no_audio_ln_post": lambda th, p, e: (th, p, _unit_norm(e, "audio_tower", "ln_post"), None),
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def thinker_controls(models):
+    """(path, control) -> ParityResult; transformers' logits per path and compiled forwards are shared."""
+    hf, thinker, loaded, forward = models
+    refs, forwards = {}, {thinker: forward}
+
+    def run(path, control):
+        ids, mask, media = CASES[path]()
+        if path not in refs:
+            refs[path] = _hf_logits(hf, ids, mask, media)
+        broken = THINKER_CONTROLS[path].get(control, lambda th, p, e: (th, p, e, None))
+        th, params, encoders, edit_mask = broken(thinker, loaded.params, loaded.encoders)
+        inputs = th.prepare(input_ids=ids, attention_mask=mask, **media)
+        if edit_mask is not None:
+            inputs = inputs.replace(attention_mask=edit_mask(np.asarray(inputs.attention_mask)))
+        if th not in forwards:
+            forwards[th] = jax.jit(lambda p, e, x: th(p, e, x).logits)
+        return _result(refs[path], np.asarray(forwards[th](params, encoders, inputs)), mask, control)
+    return run
+
+
+@pytest.mark.parametrize("path,control", [(path, name) for path, controls in THINKER_CONTROLS.items()
+                                          for name in ("correct", *controls)])
+def test_parity_check_fails_on_a_broken_thinker(thinker_controls, path, control):
+    """The fp32 check passes the thinker and fails each break of its text, vision or audio path."""
+    result = thinker_controls(path, control)
+    limit = result.fp32_limit()
+    print(f"{path} {control}: {result.max_abs_diff:.3e} = {result.max_abs_diff / limit:.3g} x tolerance")
+    assert result.passes("float32") == (control == "correct"), result
