@@ -255,3 +255,27 @@ def clear_cache() -> None:
 def _with_safety_prompt(prompt: str, on: bool) -> str:
     from casa_jax.casa.config import SAFETY_PROMPT
     return f"{SAFETY_PROMPT} {prompt}" if on else prompt
+
+
+def raw_completions(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 16) -> list[str]:
+    """Greedy continuations of prompts that already carry their own markup (HarmBench's / Llama Guard's
+    ``[INST] ... [/INST]`` judge prompts): each prompt is tokenized as-is (``tokenizer(prompt)``, with
+    whatever BOS the tokenizer itself adds) and never wrapped in the checkpoint's chat template.
+
+    The checkpoint's decoder runs plainly (LoRA applied if it has one; a CASA model's safety step is not
+    run): use a plain model as judge. Returns the decoded new text per prompt, special tokens skipped."""
+    import jax
+
+    from casa_jax.model.text_decoder import CausalLM
+    from casa_jax.sampling.sampler import Sampler
+    from casa_jax.sampling.strategies import from_temperature
+
+    model, tokenizer = _loaded(ckpt_dir)
+    if not prompts:
+        return []
+    ids = [list(tokenizer(p)["input_ids"]) for p in prompts]
+    sampler = _cached(Sampler, CausalLM(model.spec.text), eos_ids=_eos_ids(tokenizer),
+                      pad_id=tokenizer.pad_token_id or 0, strategy=from_temperature(0.0, None, None))
+    variables = {"params": model.params, **({"lora": model.lora} if model.lora is not None else {})}
+    outs = sampler.generate(variables, ids, max_new_tokens, jax.random.key(0))
+    return [tokenizer.decode(out, skip_special_tokens=True) for out in outs]
