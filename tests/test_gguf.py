@@ -21,7 +21,10 @@ CHAT = [{"role": "user", "content": "Give three tips for staying healthy."}]
 
 @pytest.fixture(scope="module")
 def gguf_file(tmp_path_factory):
-    return fx.make_llama_gguf(str(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"), seed=3, types=TYPES)
+    # context 8192 (as SmolLM2): the demo pipeline test feeds jailbreak-wrapped prompts through the tiny
+    # tokenizer (about one token per character, up to ~5,700)
+    return fx.make_llama_gguf(str(tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"), seed=3, types=TYPES,
+                              max_position_embeddings=8192)
 
 
 @pytest.fixture(scope="module")

@@ -119,3 +119,20 @@ def test_report_files_and_figures(tmp_path):
     for png in ("asr.png", "roc.png", "vs_histogram.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob("*.partial-*"))
+
+
+def test_rejudge_reads_saved_responses(tmp_path):
+    """--from_results: the saved responses are judged again by another judge without generating; the
+    items, split and threshold stay the run's (negative control: the keyword judge's counts differ)."""
+    from casa_jax.eval.run import rejudge
+    rows = [_result("text", True, "safe", "garbled but " + COMPLY, p=0.4, prompt="h1"),
+            _result("text", True, "safe", REFUSAL, p=0.9, prompt="h2")]
+    report = summarize(rows, "ckpt", judge=_judged(rows, KeywordJudge()), threshold=0.3, split="validation")
+    write_report(report, rows, str(tmp_path))
+    assert report["suites"][0]["asr_k"] == 1
+    again = rejudge(str(tmp_path), RecordingJudge())
+    row = again["suites"][0]
+    assert again["judge"] == "recording" and again["split"] == "validation"
+    assert again["safety_token"]["threshold"] == 0.3 and (row["asr_n"], row["unparsed"]) == (1, 1)
+    with pytest.raises(ValueError, match="results.jsonl: not found"):
+        rejudge(str(tmp_path / "missing"), KeywordJudge())

@@ -225,7 +225,10 @@ def test_kill_and_resume_is_bitwise_identical(tmp_path):
     assert json.load(open(straight / "config.json"))["num_train_steps"] == 40
 
 
-def test_sigterm_checkpoints_then_exits(tmp_path):
+@pytest.mark.parametrize("sig,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_sigterm_checkpoints_then_exits(tmp_path, sig, status):
+    """SIGTERM (preemption) and Ctrl-C (SIGINT) both checkpoint the current step, say what they saved and
+    exit with 128 + the signal number."""
     workdir = tmp_path / "term"
     proc = subprocess.Popen(_train_cmd(workdir, "--config.num_train_steps=400"), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, cwd=ROOT, env=ONE_DEVICE)
@@ -233,11 +236,11 @@ def test_sigterm_checkpoints_then_exits(tmp_path):
     metrics = workdir / "metrics.jsonl"
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 13):
         time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
+    assert proc.returncode == status, err[-2000:]
     last = _rows(workdir)[-1]["step"]
-    assert "SIGTERM: saved step" in err and last in _finished_steps(workdir)
+    assert f"{sig.name}: saved step {last} of 400" in err and last in _finished_steps(workdir)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):

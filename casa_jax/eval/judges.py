@@ -236,8 +236,12 @@ class LLMJudge:
         Guard: already in ``[INST]`` markup) is tokenized as-is (``sampling.chat.raw_completions``); any other
         is the user turn of the checkpoint's chat template (``chat_replies``). Use a plain (not CASA) model:
         a CASA judge may refuse the harmful text it is asked to judge."""
-        from casa_jax.sampling.chat import chat_replies, raw_completions
+        from casa_jax.sampling.chat import _loaded, chat_replies, raw_completions
         resolved = _template(template) if isinstance(template, str) else template
+        model, _ = _loaded(ckpt_dir)  # now, not when the first item needs judging: a bad judge fails up front
+        if model.is_casa:
+            raise ValueError(f"judge checkpoint {ckpt_dir}: is a CASA model, which may refuse to read the harmful "
+                             "text it is asked to judge; use a plain (converted) checkpoint")
 
         if resolved.raw:
             def generate(prompts: list[str]) -> list[str]:

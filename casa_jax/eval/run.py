@@ -59,6 +59,30 @@ def evaluate(ckpt_dir: str, workdir: str, suites=(), prompts_file=None, per_suit
     return report
 
 
+def rejudge(workdir: str, judge) -> dict:
+    """Judge the responses saved in ``workdir/results.jsonl`` again (e.g. with a better judge) and rewrite
+    that report, without generating anything; the items, split and threshold stay those of the run."""
+    import json
+
+    from casa_jax.eval.judges import KeywordJudge
+    from casa_jax.eval.report import judge_results, summarize, write_report
+    from casa_jax.processing import InputError
+    paths = [os.path.join(workdir, n) for n in ("results.jsonl", "report.json")]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise InputError(f"{missing[0]}: not found; --from_results re-judges a finished evaluation's report folder")
+    with open(paths[0]) as f:
+        results = [json.loads(line) for line in f if line.strip()]
+    with open(paths[1]) as f:
+        old = json.load(f)
+    judge = judge or KeywordJudge()
+    judge_results(results, judge)
+    threshold = (old.get("safety_token") or {}).get("threshold")
+    report = summarize(results, old["checkpoint"], old.get("skipped"), judge, threshold, old.get("split", "test"))
+    write_report(report, results, workdir)
+    return report
+
+
 def report_name(ckpt_dir: str, depth: int = 1) -> str:
     """A short name for a checkpoint's report: its folder (or the train workdir's for ``.../checkpoint``),
     with ``depth - 1`` more parent folders joined by ``_`` where shorter names collide."""
