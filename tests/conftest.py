@@ -20,3 +20,14 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def hf_root(tmp_path_factory):
     return tmp_path_factory.mktemp("hf")
+
+
+def espeak_or_skip() -> bool:
+    """True when espeak-ng can speak; without it the test skips, unless CASA_REQUIRE_ESPEAK=1 (CI sets it
+    after installing espeak-ng), where a missing TTS is a failure, never a silent skip."""
+    from casa_jax.attacks.audio import espeak_available
+    if espeak_available():
+        return True
+    if os.environ.get("CASA_REQUIRE_ESPEAK") == "1":
+        pytest.fail("CASA_REQUIRE_ESPEAK=1 but espeak-ng is not installed")
+    pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")

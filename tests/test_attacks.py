@@ -54,8 +54,9 @@ def test_figstep_heading_and_key_phrase():
     assert "numbered 1, 2, and 3" in images.FIGSTEP_INSTRUCTION
 
 
-@pytest.mark.skipif(not audio.espeak_available(), reason="espeak-ng is not installed (apt-get install espeak-ng)")
 def test_spoken_and_spelled_requests():
+    from conftest import espeak_or_skip
+    espeak_or_skip()
     wave, instruction = audio.spoken_request(REQUEST)
     assert wave.dtype == np.float32 and wave.ndim == 1 and np.all(np.isfinite(wave))
     assert 1.0 < wave.size / audio.SAMPLING_RATE < 10.0 and np.abs(wave).max() > 0.05
