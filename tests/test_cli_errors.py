@@ -147,3 +147,44 @@ def test_jsonl_errors_name_the_line(tmp_path):
     f.write_text('\n\n{"prompt": "a", "label": 0}\n\n{"prompt": 3, "label": 1}\n')
     with pytest.raises(ValueError, match="p.jsonl:5: each record"):
         items_from_file(str(f))
+
+
+def test_output_locations_are_checked_before_reading(tiny, tmp_path):
+    """An output path that is a file, or whose folder cannot be written, fails before the input is read."""
+    from casa_jax.casa.train_config import tiny_train_config
+    from casa_jax.casa.trainer import train
+    from casa_jax.checkpoints.convert_lib import ckpt_to_hf, hf_to_ckpt
+    from casa_jax.model.config import ConfigError
+    a_file = tmp_path / "file"
+    a_file.write_text("keep me")
+    with pytest.raises(CheckpointError, match="is a file"):
+        hf_to_ckpt(tiny[0], str(a_file), overwrite=True)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):  # root may write anyway: then only the file case is checked
+            with pytest.raises(CheckpointError, match="is not a writable directory"):
+                ckpt_to_hf(tiny[1], str(locked / "out"), 1 << 30)
+    finally:
+        locked.chmod(0o700)
+    with pytest.raises(ConfigError, match="--workdir=.* is a file"):
+        train(tiny_train_config("casa"), str(a_file), progress=False)
+    assert a_file.read_text() == "keep me"
+
+
+def test_generate_checks_every_media_path_first(tmp_path):
+    """A bad image late in a prompts file stops generate before the first reply (naming file and line),
+    instead of throwing away the replies that finished."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a"}\n\n{"prompt": "b", "image": "/nonexistent/cat.png"}\n')
+    _one_error_line(_cli("generate", "--ckpt_dir=/nonexistent_ckpt", f"--prompts_file={prompts}",
+                         f"--output_file={tmp_path / 'out.jsonl'}"), "p.jsonl:3: image '/nonexistent/cat.png'")
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_a_judge_that_cannot_serve_fails_up_front(tmp_path):
+    from casa_jax.eval.judges import get_judge
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="not a casa-jax checkpoint"):
+        get_judge(f"llm:{tmp_path / 'empty'}:harmbench")

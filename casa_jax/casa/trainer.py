@@ -212,7 +212,12 @@ def train(config, workdir: str, progress: bool = True, allow_config_change: bool
     The workdir is locked for the run (a second trainer on it stops at once); resuming its checkpoints
     under other settings is refused unless ``allow_config_change``."""
     check_config(config)
-    os.makedirs(workdir, exist_ok=True)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--workdir={workdir} is a file; expected a directory")
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--workdir={workdir}: cannot be created ({e.strerror})") from None
     if jax.process_index() != 0:
         return _train(config, workdir, progress, allow_config_change)
     with WorkdirLock(workdir):

@@ -6,7 +6,7 @@ import logging
 import os
 
 from casa_jax.checkpoints.hf import load_hf_checkpoint, write_hf_checkpoint
-from casa_jax.checkpoints.hf_files import CheckpointError
+from casa_jax.checkpoints.hf_files import CheckpointError, check_output_dir
 from casa_jax.checkpoints.orbax_io import restore_checkpoint, save_checkpoint, sidecar_dir
 from casa_jax.paths import refuse_overlap
 
@@ -14,6 +14,7 @@ from casa_jax.paths import refuse_overlap
 def hf_to_ckpt(hf_dir: str, out_dir: str, param_dtype: str | None = None, overwrite: bool = False) -> None:
     """Hugging Face directory -> casa-jax checkpoint (tokenizer files carried along)."""
     refuse_overlap({"--out_dir": out_dir}, {"--hf_dir": hf_dir}, CheckpointError)
+    check_output_dir(out_dir, overwrite)
     loaded = load_hf_checkpoint(hf_dir, param_dtype=param_dtype)
     save_checkpoint(out_dir, loaded, sidecar_from=hf_dir, overwrite=overwrite)
 
@@ -29,6 +30,7 @@ def gguf_to_ckpt(gguf_path: str, out_dir: str, param_dtype: str | None = None, o
 
     from casa_jax.checkpoints.gguf_import import gguf_to_hf_dir
     refuse_overlap({"--out_dir": out_dir, "hf_dir": hf_dir}, {"--gguf": gguf_path}, CheckpointError)
+    check_output_dir(out_dir, overwrite)
     if hf_dir:
         gguf_to_hf_dir(gguf_path, hf_dir, overwrite=overwrite)
         hf_to_ckpt(hf_dir, out_dir, param_dtype, overwrite)
@@ -48,6 +50,7 @@ def ckpt_to_hf(ckpt_dir: str, export_hf_dir: str, max_shard_bytes: int, overwrit
     in the casa-jax checkpoint only.
     """
     refuse_overlap({"--export_hf_dir": export_hf_dir}, {"--ckpt_dir": ckpt_dir}, CheckpointError)
+    check_output_dir(export_hf_dir, overwrite)
     loaded = restore_checkpoint(ckpt_dir)
     params = loaded.params
     if "lora" in loaded.extra:

@@ -142,6 +142,21 @@ def _open_safetensors(path: str):
         raise CheckpointError(f"{path}: cannot read as safetensors ({e}); the file is truncated or corrupt") from e
 
 
+def check_output_dir(path: str, overwrite: bool = False) -> None:
+    """Fail now, before any long work, if ``path`` cannot become a new output directory: it is a file, it
+    exists with content and ``overwrite`` is off, or its nearest existing parent is not writable."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise CheckpointError(f"{path}: is a file; expected a directory to write into")
+    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+        raise CheckpointError(f"{path}: already exists and is not empty; pass --overwrite to replace it")
+    parent = os.path.dirname(path)
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise CheckpointError(f"{path}: cannot be created ({parent} is not a writable directory)")
+
+
 @contextlib.contextmanager
 def atomic_directory(final_dir: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a fresh temporary directory beside ``final_dir``; on success rename it into place.
@@ -150,9 +165,7 @@ def atomic_directory(final_dir: str, overwrite: bool = False) -> Iterator[str]:
     which no reader mistakes for a finished directory).
     """
     final_dir = os.path.abspath(final_dir)
-    if os.path.exists(final_dir) and not overwrite:
-        if not os.path.isdir(final_dir) or os.listdir(final_dir):
-            raise CheckpointError(f"{final_dir}: already exists and is not empty; pass --overwrite to replace it")
+    check_output_dir(final_dir, overwrite)
     parent = os.path.dirname(final_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".partial-", dir=parent)
