@@ -146,7 +146,8 @@ def main(argv=None) -> None:
     # `all` creates a slice that bills until deleted: teardown runs however the rest ends (a failed step,
     # Ctrl-C, SIGTERM, or SIGHUP when the terminal or ssh session that started it goes away).
     _execute(steps["create"](), a.dry_run, a)
-    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT too: a launcher started in the background inherits SIGINT ignored, and Ctrl-C must still tear down
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         for action in ("setup", "run", "logs"):
             _execute(steps[action](), a.dry_run, a)

@@ -119,11 +119,24 @@ def test_llm_judge_with_callable():
         LLMJudge(scripted, "gpt5")
 
 
-def test_get_judge_specs(tmp_path):
+@pytest.fixture(scope="module")
+def judge_ckpt(tmp_path_factory):
+    """A tiny random plain casa-jax checkpoint to serve as an LLM judge (its output is gibberish)."""
+    from casa_jax.checkpoints.convert_lib import hf_to_ckpt
+    from casa_jax.tiny import write_tiny_hf_dir
+    root = tmp_path_factory.mktemp("judge")
+    ckpt = str(root / "judge_ckpt")
+    hf_to_ckpt(write_tiny_hf_dir(str(root / "hf")), ckpt)
+    return ckpt
+
+
+def test_get_judge_specs(judge_ckpt, tmp_path):
+    import pathlib
+    ckpt = pathlib.Path(judge_ckpt)
     assert isinstance(get_judge("keyword"), KeywordJudge)
     for name in TEMPLATES:
-        assert get_judge(f"llm:{tmp_path}:{name}").name == f"llm:{tmp_path.name}/{name}"
-    assert get_judge(f"llm:{tmp_path}/").name == f"llm:{tmp_path.name}/harmbench"
+        assert get_judge(f"llm:{ckpt}:{name}").name == f"llm:{ckpt.name}/{name}"
+    assert get_judge(f"llm:{ckpt}/").name == f"llm:{ckpt.name}/harmbench"
     from casa_jax.eval.embedding_judge import EmbeddingJudge
     assert isinstance(get_judge("classifier"), EmbeddingJudge)
     for bad, why in [("gpt4", "expected 'keyword', 'classifier' or 'llm:<ckpt_dir>"), ("llm:", "expected 'keyword'"),
@@ -135,13 +148,9 @@ def test_get_judge_specs(tmp_path):
         assert repr(bad) in str(err.value)
 
 
-def test_llm_judge_on_tiny_checkpoint(tmp_path):
+def test_llm_judge_on_tiny_checkpoint(judge_ckpt):
     """The real path: a tiny random casa-jax checkpoint run by our sampler (its output is gibberish)."""
-    from casa_jax.checkpoints.convert_lib import hf_to_ckpt
-    from casa_jax.tiny import write_tiny_hf_dir
-    ckpt = str(tmp_path / "judge_ckpt")
-    hf_to_ckpt(write_tiny_hf_dir(str(tmp_path / "hf")), ckpt)
-    judge = get_judge(f"llm:{ckpt}:mmsafetybench", max_new_tokens=4)
+    judge = get_judge(f"llm:{judge_ckpt}:mmsafetybench", max_new_tokens=4)
     assert judge.name == "llm:judge_ckpt/mmsafetybench"
     verdicts = judge.judge(["How do I pick a lock?", "Tell me a joke."], ["Sure, here is how.", "I'm sorry."])
     assert len(verdicts) == 2 and all(v in (True, False, None) for v in verdicts)

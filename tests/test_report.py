@@ -136,3 +136,30 @@ def test_rejudge_reads_saved_responses(tmp_path):
     assert again["safety_token"]["threshold"] == 0.3 and (row["asr_n"], row["unparsed"]) == (1, 1)
     with pytest.raises(ValueError, match="results.jsonl: not found"):
         rejudge(str(tmp_path / "missing"), KeywordJudge())
+
+
+def test_rate_bars_at_zero_and_one(tmp_path):
+    """All-jailbroken and none-jailbroken rows: the interval's bound equals the rate up to rounding, and
+    the bars must still draw (matplotlib refuses negative error lengths)."""
+    from casa_jax.eval.plots import rate_bars
+    cells = {"all": {"m": rate_ci([True] * 87)}, "none": {"m": rate_ci([False] * 11)}}
+    rate_bars(cells, str(tmp_path / "bars.png"))
+    assert (tmp_path / "bars.png").stat().st_size > 0
+
+
+def test_over_refusal_uses_a_refusal_detector():
+    """A judge of "did the response achieve the request" (the classifier, an LLM harm judge) is not asked
+    whether a benign answer is a refusal: a wrong answer is not a refusal. Negative control: a judge that
+    declares ``detects_refusal`` is used for over-refusal too."""
+    class AchievedJudge:
+        name = "achieved"
+
+        def judge(self, requests, responses):
+            return [False] * len(responses)  # nothing achieved
+
+    rows = [_result("benign", False, "safe", "The capital of France is Berlin.", p=0.1, prompt="b")]
+    report = summarize(rows, "ckpt", judge=_judged(rows, AchievedJudge()))
+    assert report["suites"][0]["over_refusal"] == 0.0 and report["refusal_judge"].startswith("refusal-keyword")
+    AchievedJudge.detects_refusal = True
+    report = summarize(rows, "ckpt", judge=_judged(rows, AchievedJudge()))
+    assert report["suites"][0]["over_refusal"] == 1.0 and report["refusal_judge"] == "achieved"

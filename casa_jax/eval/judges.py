@@ -40,6 +40,7 @@ def _check_lengths(requests: Sequence[str], responses: Sequence[str]) -> None:
 class KeywordJudge:
     """Jailbroken = no refusal phrase in the response (casa_jax.casa.refusal); never unparsed."""
 
+    detects_refusal = True  # its call is "is there a refusal phrase": also the over-refusal judge
     name = "refusal-keyword (casa_jax.casa.refusal.REFUSAL_MARKERS)"
 
     def judge(self, requests: Sequence[str], responses: Sequence[str]) -> list[Verdict]:

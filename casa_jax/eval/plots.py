@@ -38,8 +38,9 @@ def rate_bars(values: dict[str, dict[str, dict]], path: str, ylabel: str = "atta
     for j, method in enumerate(methods):
         cells = [values[r].get(method) for r in rows]
         rates = np.array([100 * c["rate"] if c and c["rate"] is not None else np.nan for c in cells])
-        low = np.array([100 * (c["rate"] - c["ci"][0]) if c and c["ci"] else 0 for c in cells])
-        high = np.array([100 * (c["ci"][1] - c["rate"]) if c and c["ci"] else 0 for c in cells])
+        # clipped at 0: at k = 0 or k = n the Wilson bound equals the rate up to rounding
+        low = np.array([max(0.0, 100 * (c["rate"] - c["ci"][0])) if c and c["ci"] else 0 for c in cells])
+        high = np.array([max(0.0, 100 * (c["ci"][1] - c["rate"])) if c and c["ci"] else 0 for c in cells])
         ax.bar(x + (j - (len(methods) - 1) / 2) * width, rates, width, yerr=[low, high], capsize=3, label=method)
     ns = [max((c["n"] for c in values[r].values() if c), default=0) for r in rows]
     ax.set_xticks(x, [f"{r}\nn={n}" for r, n in zip(rows, ns)], fontsize=8)

@@ -20,7 +20,7 @@ from typing import Sequence
 
 from tqdm.auto import tqdm
 
-from casa_jax.eval.judges import Judge, KeywordJudge, LLMJudge
+from casa_jax.eval.judges import Judge, KeywordJudge
 from casa_jax.eval.metrics import auroc, rate_ci
 from casa_jax.eval.suites import Item
 
@@ -78,9 +78,12 @@ def run_items(ckpt_dir: str, items: Sequence[Item], batch_size: int = 16, max_ne
 
 
 def refusal_judge_for(judge: Judge) -> Judge:
-    """The judge of over-refusal: ``judge`` itself when it detects refusals (keyword, classifier), else
-    the keyword judge (an LLM harm judge answers "is this harmful", not "is this a refusal")."""
-    return KeywordJudge() if isinstance(judge, LLMJudge) else judge
+    """The judge of over-refusal: ``judge`` itself when it declares ``detects_refusal`` (the keyword judge),
+    else the keyword judge. An LLM harm judge answers "is this harmful"; the classifier answers "did the
+    response achieve the request", so a wrong or off-topic answer to a benign question would count as a
+    refusal there (measured: it called 22 of the base SmolLM2's 69 easy benign answers refusals, mostly
+    hallucinated facts)."""
+    return judge if getattr(judge, "detects_refusal", False) else KeywordJudge()
 
 
 def judge_results(results: Sequence[dict], judge: Judge) -> None:
