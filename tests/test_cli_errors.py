@@ -188,3 +188,15 @@ def test_a_judge_that_cannot_serve_fails_up_front(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="not a casa-jax checkpoint"):
         get_judge(f"llm:{tmp_path / 'empty'}:harmbench")
+
+
+@pytest.mark.parametrize("through_cli", [True, False])
+def test_no_pytorch_notice_from_the_clis(through_cli):
+    """Without torch (a user's venv: torch is test-only), transformers prints "PyTorch was not found" on
+    import; the CLIs silence it. Negative control: importing transformers directly still prints it."""
+    code = ("import sys; sys.modules['torch'] = None\n" + ("import casa_jax.cli\n" if through_cli else "")
+            + "import transformers\nfrom transformers import AutoTokenizer\n")
+    env = {k: v for k, v in ONE_DEVICE.items() if k != "TRANSFORMERS_VERBOSITY"}
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert ("PyTorch was not found" in r.stderr) == (not through_cli), r.stderr[-500:]
