@@ -25,7 +25,7 @@ flags.DEFINE_string("output_file", None, "Write replies as JSONL here (default: 
 flags.DEFINE_string("image", None, "Image file for every --prompt (Qwen2.5-Omni thinkers).")
 flags.DEFINE_string("audio", None, "WAV file for every --prompt (Qwen2.5-Omni thinkers; resampled to 16 kHz).")
 flags.DEFINE_string("prefill", None, "Assistant prefill (after the safety token): for prefill-attack tests.")
-flags.DEFINE_integer("max_new_tokens", 32, "Most tokens generated per reply.")
+flags.DEFINE_integer("max_new_tokens", 64, "Most tokens generated per reply.")
 flags.DEFINE_float("temperature", 0.0, "0 is greedy decoding.")
 flags.DEFINE_integer("top_k", None, "Sample only among the k most likely tokens (with --temperature > 0).")
 flags.DEFINE_float("top_p", None, "Nucleus sampling mass (with --temperature > 0).")
