@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 from casa_jax.casa.examples import Example
 from casa_jax.model.config import ConfigError
+from casa_jax.paths import write_text_atomic
 
 BENIGN_TEMPLATE = "Sure, here is a helpful answer."
 PAPER_BENIGN_RATIO = 10_000 / 6_200
@@ -107,9 +108,6 @@ def cached_targets(path: str, key: dict, build: Callable[[], tuple[list[Example]
     train, heldout = build()
     if not write:
         return train, heldout
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump({"key": digest, "train": [dataclasses.asdict(e) for e in train],
-                   "heldout": [dataclasses.asdict(e) for e in heldout]}, f)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"key": digest, "train": [dataclasses.asdict(e) for e in train],
+                                        "heldout": [dataclasses.asdict(e) for e in heldout]}))
     return train, heldout

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from casa_jax.eval.judges import Judge, KeywordJudge
 from casa_jax.eval.metrics import auroc, rate_ci
 from casa_jax.eval.suites import Item
+from casa_jax.paths import write_text_atomic
 
 EXAMPLE_CHARS = 80
 DECISION_REFUSALS = ("unsafe", "rerouted")  # verdicts of a safety mechanism that refuse before any text
@@ -195,8 +196,11 @@ def fmt_ci(row: dict, name: str) -> str:
     return f"{100 * value:.1f}% [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}] (n={n})"
 
 
-def _is_benign_suite(suite: str) -> bool:
-    return suite.startswith("benign")
+def suite_metric(suite: str) -> tuple[str, str]:
+    """(rate name, row label) of a suite in comparisons: over-refusal for benign sets, ASR for attacks."""
+    if suite.startswith("benign"):
+        return "over_refusal", f"{suite} (over-refusal)"
+    return "asr", suite
 
 
 def agreement_line(report: dict) -> str:
@@ -219,10 +223,10 @@ def agreement_line(report: dict) -> str:
 def write_report(report: dict, results: Sequence[dict], workdir: str) -> None:
     from casa_jax.eval import plots
     os.makedirs(workdir, exist_ok=True)
-    _write_atomic(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
+    write_text_atomic(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
     # Every judged response, for re-judging and auditing (local only: responses to harmful requests are
     # never committed or quoted beyond the truncated examples).
-    _write_atomic(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in results))
+    write_text_atomic(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in results))
     lines = [f"# Evaluation of `{report['checkpoint']}`", "",
              f"Split: {report['split']}. Items: {report['n_items']}. Over-refusal judge: {report['refusal_judge']}.",
              "", agreement_line(report), "",
@@ -256,14 +260,7 @@ def write_report(report: dict, results: Sequence[dict], workdir: str) -> None:
     lines += ["", "Examples (truncated):", ""]
     lines += [f"- {e['suite']}/{e['modality']}: {e['request']!r} -> [{e['verdict']}] {e['response']!r}"
               for e in report["examples"]]
-    _write_atomic(os.path.join(workdir, "report.md"), "\n".join(lines) + "\n")
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_text_atomic(os.path.join(workdir, "report.md"), "\n".join(lines) + "\n")
 
 
 def attack_rows(suites: Sequence[str]) -> list[str]:
@@ -287,8 +284,7 @@ def comparison_table(reports: dict, suites: Sequence[str], decision: bool = True
     lines = ["| suite | modality | " + " | ".join(header) + " |", "|---|---|" + "---:|" * len(header)]
     for (suite, modality), cells in sorted(rows.items(), key=lambda kv: (
             order.index(kv[0][0]) if kv[0][0] in order else len(order), kv[0])):
-        metric = "over_refusal" if _is_benign_suite(suite) else "asr"
-        label = f"{suite} (over-refusal)" if _is_benign_suite(suite) else suite
+        metric, label = suite_metric(suite)
         values = [fmt_ci(cells[n], metric + suffix) if n in cells else "-" for _, suffix in kinds for n in names]
         lines.append(f"| {label} | {modality} | " + " | ".join(values) + " |")
     return "\n".join(lines)
@@ -301,8 +297,7 @@ def comparison_plot(reports: dict, suites: Sequence[str], path: str) -> None:
     values: dict = {}
     for name, report in reports.items():
         for row in report["suites"]:
-            metric = "over_refusal" if _is_benign_suite(row["suite"]) else "asr"
-            label = f"{row['suite']} (over-refusal)" if _is_benign_suite(row["suite"]) else row["suite"]
+            metric, label = suite_metric(row["suite"])
             values.setdefault((row["suite"], label), {})[name] = {
                 "rate": row[metric], "ci": row[f"{metric}_ci"], "n": row[f"{metric}_n"]}
     ordered = sorted(values, key=lambda k: (order.index(k[0]) if k[0] in order else len(order), k[0]))

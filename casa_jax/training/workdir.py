@@ -13,6 +13,7 @@ import json
 import os
 
 from casa_jax.model.config import ConfigError
+from casa_jax.paths import write_text_atomic
 
 LOCK_FILE = ".lock"
 CONFIG_FILE = "config.json"
@@ -91,7 +92,4 @@ def write_config(workdir: str, config_json: str, changes: dict, step: int) -> No
     path = os.path.join(workdir, CONFIG_FILE)
     if changes and os.path.isfile(path):
         os.replace(path, os.path.join(workdir, f"config.step_{step}.json"))
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(config_json)
-    os.replace(tmp, path)
+    write_text_atomic(path, config_json)
