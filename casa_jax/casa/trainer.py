@@ -347,8 +347,9 @@ def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> d
                                 writer.add_scalar(k, v, step)
                     final = record
                 data_state = {"stream": stream.state(), "rng": np.asarray(jax.random.key_data(key)).tolist()}
-                checkpoints.save(step, state, data_state, force=preempted.value or step == steps)
-                if preempted.value:
+                stop = preempted.value  # read once: a signal landing during save() is handled next step
+                checkpoints.save(step, state, data_state, force=stop or step == steps)
+                if stop:
                     checkpoints.wait()
                     message = (f"{preempted.signal_name}: saved step {step} of {steps} to {checkpoints.directory}; "
                                "rerun the same command to continue")
