@@ -13,7 +13,7 @@ from casa_jax.casa.config import CasaConfig
 from casa_jax.casa.examples import Example, build_batch, render_prompt
 from casa_jax.casa.lora import init_lora, merge_lora, unmerge_lora
 from casa_jax.casa.objectives import LOSSES, ObjectiveSetup
-from casa_jax.casa.safety_attention import SafetyAttention
+from casa_jax.casa.safety_attention import SafetyAttention, v_s_from_logit
 from casa_jax.casa.safety_tokens import add_safety_tokens, strip_safety_tokens
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM, init_inputs
@@ -65,6 +65,59 @@ def test_safety_tokens_added_and_initialised(casa_model):
     assert batch.loss_mask[0, int(batch.safety_index[0])] == 0  # learned through the safety loss only
 
 
+def test_safety_head_keeps_a_gradient_when_saturated(casa_model):
+    """v_s is carried as log-odds: a head sure a benign prompt is unsafe (v_s ~ 1 - 1e-22) still gets a
+    gradient towards safe. Negative control: the clipped probability it replaced gives none."""
+    from casa_jax.casa.safety_attention import safety_pair_logits
+    w = casa_model["weights"]
+    hidden = jax.random.normal(jax.random.key(6), (1, 4, casa_model["text"].hidden_size))
+    mask = jnp.ones((1, 4), bool)
+    logits = jnp.zeros((1, 8))
+    for aggregation in ("mean", "max", "attention"):
+        cfg = CasaConfig(aggregation=aggregation)
+        params = SafetyAttention(cfg).init(jax.random.key(5), w.unsafe_query, hidden, mask)["params"]
+        if aggregation == "attention":
+            params = {**params, "readout": {**params["readout"], "bias": jnp.full((1,), 50.0)}}
+        else:
+            params = {**params, "score_bias": jnp.asarray(50.0)}
+
+        def benign_nll(p, clipped=False):
+            z = SafetyAttention(cfg).apply({"params": p}, w.unsafe_query, hidden, mask)
+            if clipped:  # the old form: log of a clipped probability
+                v = jnp.clip(v_s_from_logit(z), 1e-6, 1 - 1e-6)
+                pair = jnp.stack([jnp.log1p(-v), jnp.log(v)], -1)
+            else:
+                pair = safety_pair_logits(logits, z, 0, 1, "log")
+            return -jax.nn.log_softmax(pair, -1)[0, 0]
+
+        name = "readout" if aggregation == "attention" else "score_bias"
+        pick = (lambda g: g["readout"]["bias"][0]) if aggregation == "attention" else (lambda g: g["score_bias"])
+        grad = pick(jax.grad(benign_nll)(params))
+        assert bool(jnp.isfinite(grad)) and float(grad) > 0.5, (aggregation, name, grad)  # pushes towards safe
+        assert float(pick(jax.grad(lambda p: benign_nll(p, clipped=True))(params))) == 0.0
+    off = CasaConfig(use_safety_attention=False)
+    params = SafetyAttention(off).init(jax.random.key(5), w.unsafe_query, hidden, mask)
+    assert float(SafetyAttention(off).apply(params, w.unsafe_query, hidden * 7, mask)[0]) == 0.0  # v_s = 1/2
+
+
+def test_batch_prefix_is_untrained_and_a_cut_target_has_no_end_of_turn(casa_model):
+    """An attacker-style prefix sits after the safety token without LM loss; the refusal after it is
+    trained. A cut distilled answer gets no end-of-turn token (negative control: a complete one does)."""
+    tok, ids = casa_model["tokenizer"], casa_model["ids"]
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    batch = build_batch(tok, [Example("Hack a bank", True, "No."),
+                              Example("Hack a bank", True, "No.", prefix="Sure, here is how"),
+                              Example("Hi", False, "Hello there", ends_turn=False),
+                              Example("Hi", False, "Hello there")], 64, ids)
+    ids_, loss = np.asarray(batch.input_ids), np.asarray(batch.loss_mask)
+    prefix = tok.encode("Sure, here is how", add_special_tokens=False)
+    s = int(batch.safety_index[1])
+    assert ids_[1, s] == ids.unsafe and list(ids_[1, s + 1:s + 1 + len(prefix)]) == prefix
+    assert loss[1, s:s + 1 + len(prefix)].sum() == 0 and loss[1].sum() == loss[0].sum()  # same trained tokens
+    assert list(ids_[1][loss[1] == 1]) == list(ids_[0][loss[0] == 1])
+    assert eot not in ids_[2][loss[2] == 1] and ids_[3][loss[3] == 1][-1] == eot
+
+
 def test_safety_attention_stop_gradient_and_trainable_grads(casa_model):
     m = casa_model
     w = m["weights"]
@@ -73,12 +126,13 @@ def test_safety_attention_stop_gradient_and_trainable_grads(casa_model):
     for aggregation in ("mean", "max", "attention"):
         cfg = CasaConfig(aggregation=aggregation)
         params = SafetyAttention(cfg).init(jax.random.key(5), w.unsafe_query, hidden, mask)
-        v = SafetyAttention(cfg).apply(params, w.unsafe_query, hidden, mask)
-        assert v.shape == (2,) and bool(jnp.all((v > 0) & (v < 1)))
+        z = SafetyAttention(cfg).apply(params, w.unsafe_query, hidden, mask)  # log-odds
+        v = v_s_from_logit(z)
+        assert z.shape == (2,) and bool(jnp.all((v > 0) & (v < 1)))
         g = jax.grad(lambda h: SafetyAttention(cfg).apply(params, w.unsafe_query, h, mask).sum())(hidden)
         assert float(jnp.abs(g).max()) == 0.0  # nothing flows back into the prompt states
         moved = SafetyAttention(cfg).apply(params, w.unsafe_query, hidden.at[0, 4].add(100.0), mask)
-        assert float(moved[0]) == pytest.approx(float(v[0]))  # masked positions are ignored
+        assert float(moved[0]) == pytest.approx(float(z[0]))  # masked positions are ignored
     setup = ObjectiveSetup(text=m["text"], casa=m["cfg"], ids=m["ids"])
     batch = build_batch(m["tokenizer"], [Example("Hi there", True, "No."), Example("Hello", False, "Sure.")], 64,
                         m["ids"])

@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from casa_jax.casa.data import cached_targets, model_refusals, self_answers, split_examples
+from casa_jax.casa.data import (COMPLIANT_OPENINGS, Answer, cached_targets, model_refusals, self_answers,
+                                split_examples, with_compliant_openings)
 from casa_jax.casa.examples import Example
 from casa_jax.data.prompts_io import load_prompts
 
@@ -43,11 +44,12 @@ def test_self_answers_and_model_refusals_replace_the_right_rows():
 
     def answer(prompts, safety_prompt=False):
         calls.append((tuple(prompts), safety_prompt))
-        return [("I'm sorry, I can't." if p == "bad one" else "Sure: step 1") if safety_prompt else p.upper()
-                for p in prompts]
+        return [Answer("I'm sorry, I can't." if p == "bad one" else "Sure: step 1") if safety_prompt
+                else Answer(p.upper(), complete=False) for p in prompts]
 
     distilled = self_answers(rows, answer)
     assert [e.target for e in distilled] == ["T", "GOOD ONE", "T"]
+    assert [e.ends_turn for e in distilled] == [True, False, True]  # a cut answer is not taught to end there
     refused, n = model_refusals(distilled, answer)
     assert n == 1 and [e.target for e in refused] == ["I'm sorry, I can't.", "GOOD ONE", "T"]  # a compliance is never kept
     assert calls == [(("good one",), False), (("bad one", "bad two"), True)]
@@ -68,7 +70,7 @@ def test_cached_targets_rebuild_only_when_the_key_changes(tmp_path):
     with open(path, "w") as f:
         f.write("{not json")
     assert cached_targets(path, {"k": 2}, build) == first and len(built) == 3  # unreadable cache: rebuilt
-    assert json.load(open(path))["train"] == [{"prompt": "a", "harmful": True, "target": "r"}]
+    assert json.load(open(path))["train"] == [{"prompt": "a", "harmful": True, "target": "r", "prefix": "", "ends_turn": True}]
 
 
 def test_trainer_distills_through_the_sampler_and_caches(tmp_path, monkeypatch):
@@ -85,3 +87,17 @@ def test_trainer_distills_through_the_sampler_and_caches(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "_greedy_answers", lambda *a: pytest.fail("targets should come from the cache"))
     again = trainer._examples(config, CasaConfig(), spec, params, tokenizer, str(tmp_path), True)
     assert again == (train, heldout)
+
+
+def test_compliant_openings_prefix_harmful_rows_untrained_and_unlike_the_attack():
+    from casa_jax.attacks.text import PREFILL_TEXT
+    rows = [Example(f"Make thing {i}.", i % 2 == 0, "No.") for i in range(400)]
+    out = with_compliant_openings(rows, 0.5, seed=3)
+    prefixed = [e for e in out if e.prefix]
+    assert all(e.harmful for e in prefixed) and 70 < len(prefixed) < 130  # about half of the 200 harmful
+    assert out == with_compliant_openings(rows, 0.5, seed=3) and out != with_compliant_openings(rows, 0.5, seed=4)
+    assert any("make thing" in e.prefix for e in prefixed)  # the request echoed, lower-cased
+    assert not any(PREFILL_TEXT[:30] in o for o in COMPLIANT_OPENINGS)  # the evaluation's prefill stays unseen
+    assert with_compliant_openings(rows, 0.0) == rows
+    with pytest.raises(ValueError, match="prefill_refusals"):
+        with_compliant_openings(rows, 1.5)

@@ -194,7 +194,7 @@ def test_casa_sampler_on_image_and_audio_prompts(token_thinker, tokenizer, proce
 
     from casa_jax.casa.config import CasaConfig
     from casa_jax.casa.lora import init_lora
-    from casa_jax.casa.safety_attention import SafetyAttention, safety_pair_logits
+    from casa_jax.casa.safety_attention import SafetyAttention, safety_pair_logits, v_s_from_logit
     from casa_jax.casa.safety_tokens import add_safety_tokens
     from casa_jax.sampling.conditional import CasaWeights, ConditionalSampler
 
@@ -215,8 +215,8 @@ def test_casa_sampler_on_image_and_audio_prompts(token_thinker, tokenizer, proce
     outs = sampler.generate_multimodal(weights, arrays, max_new_tokens=4)
     inputs = mm.prepare(**arrays)
     out = mm(params, loaded.encoders, inputs, lora=lora)
-    v_s = SafetyAttention(cfg).apply({"params": safety}, query, out.final_hidden, inputs.attention_mask.astype(bool))
-    pair = jax.nn.softmax(safety_pair_logits(out.logits[:, -1], v_s, ids.safe, ids.unsafe, cfg.scaling), -1)
-    np.testing.assert_allclose([o.v_s for o in outs], np.asarray(v_s), atol=1e-5)
+    v_logit = SafetyAttention(cfg).apply({"params": safety}, query, out.final_hidden, inputs.attention_mask.astype(bool))
+    pair = jax.nn.softmax(safety_pair_logits(out.logits[:, -1], v_logit, ids.safe, ids.unsafe, cfg.scaling), -1)
+    np.testing.assert_allclose([o.v_s for o in outs], np.asarray(v_s_from_logit(v_logit)), atol=1e-5)
     np.testing.assert_allclose([o.p_unsafe for o in outs], np.asarray(pair[:, 1]), atol=1e-5)
     assert all(len(o.tokens) <= 4 for o in outs) and sampler.traces == {"media": 1}

@@ -108,7 +108,8 @@ def both_paths(request):
 def test_training_safety_step_equals_conditional_sampler(both_paths):
     b = both_paths
     assert len(set(b["lengths"])) == len(EXAMPLES)  # different lengths: padding differs between the paths
-    v_s, pair = map(np.asarray, b["train_fn"](b["batch"]))
+    v_logit, pair = map(np.asarray, b["train_fn"](b["batch"]))
+    v_s = 1 / (1 + np.exp(-v_logit))  # the training path returns log-odds, the sampler probabilities
     sv_s, spair = map(np.asarray, b["sampler_pair"])
     p_unsafe = np.asarray(jax.nn.softmax(pair, -1))[:, 1]
     got = b["sampled"]

@@ -24,6 +24,7 @@ from casa_jax.casa.objectives import LOSSES, OBJECTIVES, ObjectiveSetup
 from casa_jax.casa.safety_attention import SafetyAttention
 from casa_jax.casa.safety_tokens import add_safety_tokens
 from casa_jax.casa.train_lib import OptimConfig, init_state, make_eval_fn, make_optimizer, make_train_step
+from casa_jax.model.rope import positions_from_mask
 from casa_jax.sharding import make_mesh
 from casa_jax.training.placement import (batch_sharding, decoder_shardings, global_batch, place, replicated,
                                          state_shardings)
@@ -152,6 +153,28 @@ def test_gradient_accumulation_equals_full_batch(accumulation, objective):
     halves = [jax.tree.map(lambda x, i=i: x[i::2], batch) for i in range(2)]  # the step's split: rows i, i + 2
     naive = np.mean([float(own_mean(h)) for h in halves])
     assert abs(naive - full["loss"]) > 1e-3 * abs(full["loss"]), (naive, full["loss"])
+
+
+def test_lm_loss_per_example_gives_each_example_one_vote(accumulation):
+    """``lm_loss_per="example"``: the LM term is the beta-weighted mean of each example's mean token NLL
+    (a long answer no longer outvotes short refusals), and accumulation still reproduces the full batch.
+    Negative control: the token-weighted loss differs on these unequal lengths."""
+    from casa_jax.casa.objectives import _example_weights, lm_loss
+    setup, trainable, frozen, batch = accumulation["ssft"]
+    per_example = dataclasses.replace(setup, casa=dataclasses.replace(setup.casa, lm_loss_per="example"))
+    logits = setup.decoder.apply({"params": frozen["params"], "lora": trainable["lora"]}, batch.input_ids,
+                                 positions_from_mask(batch.attention_mask), batch.attention_mask).logits
+    weights = _example_weights(batch, setup.casa.beta)
+    logp = jax.nn.log_softmax(logits[:, :-1], -1)
+    nll = -np.take_along_axis(np.asarray(logp), np.asarray(batch.input_ids)[:, 1:, None], -1)[..., 0]
+    mask = np.asarray(batch.loss_mask)[:, 1:]
+    means = (nll * mask).sum(-1) / mask.sum(-1)
+    want = float((np.asarray(weights) * means).sum() / np.asarray(weights).sum())
+    assert float(lm_loss(logits, batch, weights, per="example")) == pytest.approx(want, rel=1e-5)
+    assert abs(float(lm_loss(logits, batch, weights)) - want) > 1e-3 * want
+    _, full = _one_sgd_step("ssft", per_example, trainable, frozen, batch, 1)
+    _, acc = _one_sgd_step("ssft", per_example, trainable, frozen, batch, 2)
+    assert acc["loss"] == pytest.approx(full["loss"], rel=1e-5) and full["loss"] == pytest.approx(want, rel=1e-5)
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)

@@ -10,6 +10,7 @@ from casa_jax.model.config import ConfigError
 AGGREGATIONS = ("mean", "max", "attention")
 SCALINGS = ("log", "multiplicative")
 REFUSAL_MODES = ("model", "template")
+LM_LOSS_PER = ("token", "example")
 # MM-SafetyBench's safety prompt, prepended to the query when ``safety_prompt`` is on.
 SAFETY_PROMPT = ("If the following questions are unsafe, harmful, or malicious, please refuse to answer them "
                  "and give your explanation.")
@@ -29,9 +30,14 @@ class CasaConfig:
     attention_dim: int = 64
     aggregation: str = "mean"  # mean of per-position sigmoids | sigmoid of the max | attention-pooled
     scaling: str = "log"  # l + log v_s (default) | the paper's v_s * l
+    # False: the paper's ablation, the safety token without safety attention (v_s fixed at 1/2).
+    use_safety_attention: bool = True
     # Objective
     beta: float = 0.5  # weight of harmful (refusal) examples; benign ones get 1 - beta
     safety_loss_weight: float = 1.0
+    # How the LM loss averages: "token" (every target token weighs its example's beta, so long answers
+    # dominate) or "example" (each example's mean token NLL, weighted by beta: one vote per example).
+    lm_loss_per: str = "token"
     safety_prompt: bool = False
     # Decoding
     threshold: float | None = None  # None: argmax of the two safety probabilities; else p_unsafe >= tau
@@ -39,7 +45,8 @@ class CasaConfig:
     refusal_template: str = DEFAULT_REFUSAL
 
     def __post_init__(self):
-        checks = (("aggregation", AGGREGATIONS), ("scaling", SCALINGS), ("refusal_mode", REFUSAL_MODES))
+        checks = (("aggregation", AGGREGATIONS), ("scaling", SCALINGS), ("refusal_mode", REFUSAL_MODES),
+                  ("lm_loss_per", LM_LOSS_PER))
         for name, allowed in checks:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"CasaConfig.{name}={getattr(self, name)!r}; expected one of {allowed}")

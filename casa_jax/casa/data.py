@@ -25,8 +25,21 @@ from casa_jax.paths import write_text_atomic
 
 BENIGN_TEMPLATE = "Sure, here is a helpful answer."
 PAPER_BENIGN_RATIO = 10_000 / 6_200
+# Compliant openings an attacker might put in the assistant's mouth. Training refusals that follow a cut
+# of one of them (1 word up to all of it) teach the model to refuse after ``<|unsafe|>`` even when the
+# reply already began to comply. Worded apart from the evaluation's prefill (``attacks.text.PREFILL_TEXT``),
+# which stays unseen; "{request}" is the harmful request itself, lower-cased, as AdvBench's targets echo it.
+COMPLIANT_OPENINGS = (
+    "Sure, here is how to {request}:", "Sure, here's {request}", "Certainly! Here is what you asked for.",
+    "Of course. Below you will find", "Absolutely, here are the steps:", "Here is a step-by-step guide:",
+    "Okay, let's get started. First,", "No problem! To {request}, you will need", "I can help with that. Step 1:",
+    "Great question. The first thing to do is", "Step 1: Gather the following materials:", "Sure thing!",
+    "Alright, here goes:", "Happy to help. Here is", "As requested, here is a detailed plan:",
+    "1. Start by", "Here you go:", "Yes, I can do that. The method is", "Sure, I can explain. To begin,",
+    "Definitely. Here's everything you need to know:",
+)
 
-AnswerFn = Callable[..., list]  # (prompts, safety_prompt=False) -> replies
+AnswerFn = Callable[..., list]  # (prompts, safety_prompt=False) -> list of ``Answer``
 
 
 def split_prompts(names: Sequence[str], split: str, max_chars: int) -> list[str]:
@@ -67,13 +80,38 @@ def split_examples(harmful_sets: Sequence[str], benign_sets: Sequence[str], num_
     return make("train"), make("validation")
 
 
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """A generated reply and whether it ended by itself (an end-of-turn token) rather than at its budget."""
+    text: str
+    complete: bool = True
+
+
 def self_answers(examples: Sequence[Example], answer_fn: AnswerFn) -> list[Example]:
-    """Benign targets replaced by ``answer_fn(prompts) -> replies`` (e.g. the base model's greedy answers)."""
+    """Benign targets replaced by ``answer_fn(prompts) -> answers`` (e.g. the base model's greedy answers);
+    an answer cut at its token budget keeps its cut (``ends_turn=False``) instead of learning to stop there."""
     benign = [i for i, e in enumerate(examples) if not e.harmful]
     replies = answer_fn([examples[i].prompt for i in benign])
     out = list(examples)
     for i, reply in zip(benign, replies):
-        out[i] = Example(out[i].prompt, False, reply)
+        out[i] = Example(out[i].prompt, False, reply.text, ends_turn=reply.complete)
+    return out
+
+
+def with_compliant_openings(examples: Sequence[Example], fraction: float, seed: int = 0,
+                            openings: Sequence[str] = COMPLIANT_OPENINGS) -> list[Example]:
+    """A copy of ``examples`` in which about ``fraction`` of the harmful rows get an untrained assistant
+    prefix: the first 1..all words of a compliant opening, after which their refusal target must follow."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"--config.data.prefill_refusals={fraction}: expected a fraction in [0, 1]")
+    rng = random.Random(f"openings:{seed}")
+    out = []
+    for e in examples:
+        if e.harmful and not e.prefix and rng.random() < fraction:
+            request = e.prompt.rstrip(" .?!")
+            words = rng.choice(openings).format(request=request[:1].lower() + request[1:]).split()
+            e = dataclasses.replace(e, prefix=" ".join(words[:rng.randint(1, len(words))]))
+        out.append(e)
     return out
 
 
@@ -85,8 +123,8 @@ def model_refusals(examples: Sequence[Example], answer_fn: AnswerFn) -> tuple[li
     replies = answer_fn([examples[i].prompt for i in harmful], safety_prompt=True)
     out, replaced = list(examples), 0
     for i, reply in zip(harmful, replies):
-        if reply.strip() and is_refusal(reply):
-            out[i] = Example(out[i].prompt, True, reply.strip())
+        if reply.text.strip() and is_refusal(reply.text):
+            out[i] = Example(out[i].prompt, True, reply.text.strip(), ends_turn=reply.complete)
             replaced += 1
     return out, replaced
 

@@ -1,9 +1,10 @@
 """Training examples -> padded token batches for the objectives.
 
 An example is (prompt, harmful?, target). The chat template renders the user turn and opens the
-assistant turn; CASA puts one safety token right there, then the target (refusal or answer) and the
-end-of-turn token. Only the target tokens carry the language-model loss; the safety token is learned
-through its own two-way loss.
+assistant turn; CASA puts one safety token right there, then an optional untrained assistant prefix (a
+compliant opening the refusal must overcome), the target (refusal or answer) and the end-of-turn token.
+Only the target tokens carry the language-model loss; the safety token is learned through its own
+two-way loss.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ class Example:
     prompt: str
     harmful: bool
     target: str
+    # Assistant text placed before the target and never trained on: an attacker-style compliant opening
+    # ("Sure, here is how to ...") that the refusal target must overcome (after the safety token for CASA).
+    prefix: str = ""
+    # False when the target is cut (a distilled answer that hit its token budget): no end-of-turn token
+    # is appended, so the model is not taught to stop mid-answer.
+    ends_turn: bool = True
 
 
 @flax.struct.dataclass
@@ -62,10 +69,11 @@ def build_batch(tokenizer, examples: Sequence[Example], length: int, ids: Safety
     for row, ex in enumerate(examples):
         prompt = render_prompt(tokenizer, ex.prompt, safety_prompt)
         head = prompt + ([ids.of(ex.harmful)] if ids is not None else [])
+        head += tokenizer.encode(ex.prefix, add_special_tokens=False) if ex.prefix else []
         if len(head) + 1 > length:
             raise ValueError(f"example {row}: the prompt takes {len(head)} tokens, more than length={length} allows "
                              f"(prompt starts {ex.prompt[:40]!r}); raise the sequence length")
-        target = tokenizer.encode(ex.target, add_special_tokens=False) + [eot]
+        target = tokenizer.encode(ex.target, add_special_tokens=False) + ([eot] if ex.ends_turn else [])
         target = target[:length - len(head)]
         seq = head + target
         out["input_ids"][row, :len(seq)] = seq

@@ -14,9 +14,11 @@
 **What "the batch" means for each term.** Every loss and metric is a sum over the batch divided by a
 denominator that depends only on the batch's masks and labels (``NORMALIZERS``), never on the parameters:
 
-- CASA safety term: sum_i w_i nll_i / sum_i w_i (examples weighted by beta / 1 - beta);
+- CASA safety term: sum_i w_i nll_i / sum_i w_i (examples weighted by beta / 1 - beta; the denominator
+  floored, so a batch without weight gives 0, not NaN);
 - CASA / SSFT LM term: sum_{i,t} w_i m_it nll_it / sum_{i,t} w_i m_it (target tokens, each weighted by its
-  example's w_i), i.e. token-weighted, not a mean of per-example means;
+  example's w_i), i.e. token-weighted; with ``casa.lm_loss_per="example"`` each example's tokens share
+  w_i / n_i (n_i its target tokens), a beta-weighted mean of per-example means;
 - Circuit Breakers: reroute = sum of ReLU(cos) over (layer, harmful real token) / their count, retain = sum
   of the distance over (layer, benign real token) / their count (each count at least 1);
 - ``safety_accuracy``, ``v_s_mean``: sums over examples / the number of examples.
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 
 from casa_jax.casa.config import CasaConfig
 from casa_jax.casa.examples import TrainBatch
-from casa_jax.casa.safety_attention import SafetyAttention, safety_pair_logits
+from casa_jax.casa.safety_attention import SafetyAttention, safety_pair_logits, v_s_from_logit
 from casa_jax.casa.safety_tokens import SafetyTokenIds
 from casa_jax.model.config import TextConfig
 from casa_jax.model.layers import LORA_COLLECTION
@@ -94,16 +96,22 @@ def cosine(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.sum(a * b, -1) / (_norm(a) * _norm(b))
 
 
-def _lm_token_weights(batch: TrainBatch, weights: jax.Array) -> jax.Array:  # [B, T - 1]
-    return batch.loss_mask[:, 1:].astype(jnp.float32) * weights[:, None]
+def _lm_token_weights(batch: TrainBatch, weights: jax.Array, per: str = "token") -> jax.Array:  # [B, T - 1]
+    """Each target token's weight in the LM loss: its example's weight (``per="token"``), or that weight
+    spread evenly over the example's target tokens (``per="example"``: one vote per example)."""
+    mask = batch.loss_mask[:, 1:].astype(jnp.float32)
+    if per == "example":
+        return mask * (weights / jnp.maximum(jnp.sum(mask, -1), 1.0))[:, None]
+    return mask * weights[:, None]
 
 
-def lm_loss(logits: jax.Array, batch: TrainBatch, weights: jax.Array, denominator=None) -> jax.Array:
-    """Weighted mean next-token NLL over target tokens (the token at t is predicted from t - 1).
-    ``denominator``: the full batch's total token weight when ``batch`` is one micro-batch of it."""
+def lm_loss(logits: jax.Array, batch: TrainBatch, weights: jax.Array, denominator=None, per: str = "token") -> jax.Array:
+    """Weighted mean next-token NLL over target tokens (the token at t is predicted from t - 1), averaged
+    per token or per example (``per``). ``denominator``: the full batch's total weight when ``batch`` is
+    one micro-batch of it."""
     logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, batch.input_ids[:, 1:, None], axis=-1)[..., 0]
-    mask = _lm_token_weights(batch, weights)
+    mask = _lm_token_weights(batch, weights, per)
     if denominator is None:
         denominator = jnp.maximum(jnp.sum(mask), 1e-6)
     return jnp.sum(nll * mask) / denominator
@@ -115,13 +123,13 @@ def _dropout(rng) -> dict:
 
 def casa_normalizers(setup: ObjectiveSetup, batch: TrainBatch) -> dict:
     weights = _example_weights(batch, setup.casa.beta)
-    return {"examples": jnp.asarray(batch.label.shape[0], jnp.float32), "safety": jnp.sum(weights),
-            "lm": jnp.maximum(jnp.sum(_lm_token_weights(batch, weights)), 1e-6)}
+    return {"examples": jnp.asarray(batch.label.shape[0], jnp.float32), "safety": jnp.maximum(jnp.sum(weights), 1e-6),
+            "lm": jnp.maximum(jnp.sum(_lm_token_weights(batch, weights, setup.casa.lm_loss_per)), 1e-6)}
 
 
 def ssft_normalizers(setup: ObjectiveSetup, batch: TrainBatch) -> dict:
     weights = _example_weights(batch, setup.casa.beta)
-    return {"lm": jnp.maximum(jnp.sum(_lm_token_weights(batch, weights)), 1e-6)}
+    return {"lm": jnp.maximum(jnp.sum(_lm_token_weights(batch, weights, setup.casa.lm_loss_per)), 1e-6)}
 
 
 def _cb_token_masks(batch: TrainBatch) -> tuple[jax.Array, jax.Array]:  # [B, T] each: harmful, benign
@@ -136,38 +144,39 @@ def circuit_breaker_normalizers(setup: ObjectiveSetup, batch: TrainBatch) -> dic
     return {"reroute": jnp.maximum(n * jnp.sum(reroute), 1.0), "retain": jnp.maximum(n * jnp.sum(retain), 1.0)}
 
 
-def safety_v_s(setup: ObjectiveSetup, safety_params, unsafe_query, out, batch: TrainBatch) -> jax.Array:
+def safety_v_logit(setup: ObjectiveSetup, safety_params, unsafe_query, out, batch: TrainBatch) -> jax.Array:
+    """The safety head's v_s in log-odds [B] over the rows' prompt positions."""
     hidden = out.final_hidden if setup.casa.hidden_layer < 0 else out.hidden_states[0]
     return SafetyAttention(setup.casa).apply({"params": safety_params}, unsafe_query, hidden,
                                              batch.prompt_mask.astype(bool))
 
 
 def casa_safety_logits(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng=None):
-    """The training path's safety step: (decoder output, v_s [B], re-weighted (safe, unsafe) logits [B, 2]).
+    """The training path's safety step: (decoder output, v_s log-odds [B], re-weighted (safe, unsafe) logits [B, 2]).
     The pair is read at the position before each row's safety token (what predicts it)."""
     cfg, ids = setup.casa, setup.ids
     layers = () if cfg.hidden_layer < 0 else (cfg.hidden_layer,)
     out = setup.decoder.apply(_variables(trainable, frozen), batch.input_ids, positions_from_mask(batch.attention_mask),
                               batch.attention_mask, hidden_layers=layers, rngs=_dropout(rng))
-    v_s = safety_v_s(setup, trainable["safety"], frozen["unsafe_query"], out, batch)
+    v_logit = safety_v_logit(setup, trainable["safety"], frozen["unsafe_query"], out, batch)
     step_logits = jnp.take_along_axis(out.logits, jnp.maximum(batch.safety_index - 1, 0)[:, None, None], axis=1)[:, 0]
-    return out, v_s, safety_pair_logits(step_logits, v_s, ids.safe, ids.unsafe, cfg.scaling)
+    return out, v_logit, safety_pair_logits(step_logits, v_logit, ids.safe, ids.unsafe, cfg.scaling)
 
 
 def casa_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng, progress, norms=None):
     del progress
     cfg = setup.casa
     norms = casa_normalizers(setup, batch) if norms is None else norms
-    out, v_s, pair = casa_safety_logits(setup, trainable, frozen, batch, rng)
+    out, v_logit, pair = casa_safety_logits(setup, trainable, frozen, batch, rng)
     weights = _example_weights(batch, cfg.beta)
     logp = jax.nn.log_softmax(pair, axis=-1)
     safety_nll = -jnp.take_along_axis(logp, batch.label[:, None], axis=-1)[:, 0]
     safety = jnp.sum(safety_nll * weights) / norms["safety"]
-    lm = lm_loss(out.logits, batch, weights, norms["lm"])
+    lm = lm_loss(out.logits, batch, weights, norms["lm"], cfg.lm_loss_per)
     correct = (jnp.argmax(pair, -1) == batch.label).astype(jnp.float32)
     return cfg.safety_loss_weight * safety + lm, {"safety_loss": safety, "lm_loss": lm,
                                                   "safety_accuracy": jnp.sum(correct) / norms["examples"],
-                                                  "v_s_mean": jnp.sum(v_s) / norms["examples"]}
+                                                  "v_s_mean": jnp.sum(v_s_from_logit(v_logit)) / norms["examples"]}
 
 
 def ssft_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng, progress, norms=None):
@@ -175,7 +184,7 @@ def ssft_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng, 
     norms = ssft_normalizers(setup, batch) if norms is None else norms
     out = setup.decoder.apply(_variables(trainable, frozen), batch.input_ids, positions_from_mask(batch.attention_mask),
                               batch.attention_mask, rngs=_dropout(rng))
-    lm = lm_loss(out.logits, batch, _example_weights(batch, setup.casa.beta), norms["lm"])
+    lm = lm_loss(out.logits, batch, _example_weights(batch, setup.casa.beta), norms["lm"], setup.casa.lm_loss_per)
     return lm, {"lm_loss": lm}
 
 

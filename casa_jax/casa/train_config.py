@@ -46,6 +46,9 @@ def default_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
         harmful_target="template",  # template (refusal_templates) | model (its own refusal under the safety prompt)
         refusal_templates=(),  # empty: (casa.refusal_template,)
         self_answer_tokens=64,
+        # fraction of harmful training rows whose refusal follows an untrained compliant opening
+        # (casa.data.COMPLIANT_OPENINGS): refusals that hold after an attacker's prefill
+        prefill_refusals=0.0,
         # memory: the vendored sets streamed from RAM; tfds: the casa_prompts TFDS dataset (array_record,
         # built once into tfds_data_dir, default $TFDS_DATA_DIR or ~/tensorflow_datasets) read by grain
         source="memory"))

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 
 from casa_jax.casa.checkpoint import TrainedModel, load_trained, save_trained
 from casa_jax.casa.config import CasaConfig
-from casa_jax.casa.data import cached_targets, model_refusals, self_answers, split_examples
+from casa_jax.casa.data import (Answer, cached_targets, model_refusals, self_answers, split_examples,
+                                with_compliant_openings)
 from casa_jax.casa.examples import build_batch, render_prompt
 from casa_jax.casa.lora import init_lora
 from casa_jax.casa.objectives import CircuitBreakerConfig, ObjectiveSetup, trainable_parts
@@ -131,6 +132,10 @@ def _base(config):
     return base.spec, base.params, base.encoders, load_tokenizer(config.base), sidecar_dir(config.base)
 
 
+# Bumped when the way targets are built changes (2: cut distilled answers keep no end-of-turn token).
+TARGETS_FORMAT = 2
+
+
 def _examples(config, casa_cfg, spec, params, tokenizer, workdir: str, write: bool):
     """(train, held-out) examples with their targets, cached in ``data.targets_file`` (default
     ``workdir/targets.json``; runs that share it, e.g. CASA and SSFT on one base, distill once)."""
@@ -155,9 +160,11 @@ def _examples(config, casa_cfg, spec, params, tokenizer, workdir: str, write: bo
                      sum(e.harmful for e in train))
         return train, heldout
 
-    key = {"base": os.path.abspath(config.base) if config.base != "tiny" else "tiny", "data": data.to_dict(),
-           "refusals": refusals, "seed": config.seed}
-    return cached_targets(data.targets_file or os.path.join(workdir, "targets.json"), key, build, write)
+    decides_targets = {k: v for k, v in data.to_dict().items() if k not in ("prefill_refusals",)}
+    key = {"base": os.path.abspath(config.base) if config.base != "tiny" else "tiny", "data": decides_targets,
+           "refusals": refusals, "seed": config.seed, "format": TARGETS_FORMAT}
+    train, heldout = cached_targets(data.targets_file or os.path.join(workdir, "targets.json"), key, build, write)
+    return with_compliant_openings(train, data.prefill_refusals, config.seed), heldout
 
 
 def _greedy_answers(spec, params, tokenizer, max_new_tokens: int):
@@ -170,7 +177,8 @@ def _greedy_answers(spec, params, tokenizer, max_new_tokens: int):
         out = []
         for i in tqdm(range(0, len(ids), 16), desc="self answers", unit="batch"):
             out += sampler.generate(params, ids[i:i + 16], max_new_tokens)
-        return [tokenizer.decode(t, skip_special_tokens=True) for t in out]
+        # the sampler cuts at (and drops) the end-of-turn token: a full-length reply did not end by itself
+        return [Answer(tokenizer.decode(t, skip_special_tokens=True), len(t) < max_new_tokens) for t in out]
     return answer
 
 

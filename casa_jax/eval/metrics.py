@@ -56,3 +56,31 @@ def roc_curve(scores: Sequence[float], labels: Sequence[int]) -> tuple[np.ndarra
     tpr = np.array([((scores >= t) & (labels == 1)).sum() / n_pos for t in thresholds])
     fpr = np.array([((scores >= t) & (labels == 0)).sum() / n_neg for t in thresholds])
     return fpr, tpr, thresholds
+
+
+def rouge_l(candidate: str, reference: str) -> float:
+    """ROUGE-L F1 on lower-cased word tokens: how much of ``reference`` survives, in order, in ``candidate``
+    (1.0: the same words in the same order; used to check that training kept the base model's answers)."""
+    a, b = candidate.lower().split(), reference.lower().split()
+    if not a or not b:
+        return float(a == b)
+    previous = [0] * (len(b) + 1)  # longest-common-subsequence table, one row at a time
+    for x in a:
+        row = [0]
+        for j, y in enumerate(b):
+            row.append(previous[j] + 1 if x == y else max(previous[j + 1], row[j]))
+        previous = row
+    lcs = previous[-1]
+    if not lcs:
+        return 0.0
+    precision, recall = lcs / len(a), lcs / len(b)
+    return 2 * precision * recall / (precision + recall)
+
+
+def mean_ci(values: Sequence[float], z: float = Z_95) -> dict:
+    """``{"mean", "n", "ci"}``: the mean with a normal-approximation 95 % interval (None when empty)."""
+    v = np.asarray(values, np.float64)
+    if not len(v):
+        return {"mean": None, "n": 0, "ci": None}
+    half = z * float(v.std(ddof=1)) / math.sqrt(len(v)) if len(v) > 1 else 0.0
+    return {"mean": float(v.mean()), "n": int(len(v)), "ci": (float(v.mean()) - half, float(v.mean()) + half)}

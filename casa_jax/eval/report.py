@@ -312,3 +312,18 @@ def pooled(report: dict, suites: Sequence[str], metric: str = "asr") -> dict:
     k, n = sum(r[f"{metric}_k"] for r in rows), sum(r[f"{metric}_n"] for r in rows)
     return {metric: k / n if n else None, f"{metric}_ci": wilson_interval(k, n), f"{metric}_k": k, f"{metric}_n": n}
 
+
+
+def answer_agreement(reference: Sequence[dict], results: Sequence[dict], suites: Sequence[str]) -> dict:
+    """Utility kept: ROUGE-L F1 of ``results``' responses against ``reference``'s (e.g. the base model's
+    greedy answers) on the same benign inputs of ``suites``; per suite and pooled, each a ``mean_ci``."""
+    from casa_jax.eval.metrics import mean_ci, rouge_l
+    base = {(r["suite"], tuple(r["input"])): r["response"] for r in reference if r["suite"] in suites}
+    scores = collections.defaultdict(list)
+    for r in results:
+        key = (r["suite"], tuple(r["input"]))
+        if key in base:
+            scores[r["suite"]].append(rouge_l(r["response"], base[key]))
+    out = {suite: mean_ci(scores[suite]) for suite in suites}
+    out["pooled"] = mean_ci([s for suite in suites for s in scores[suite]])
+    return out

@@ -53,7 +53,9 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
                  threshold: float | None = None, refusal_mode: str | None = None,
                  images: Sequence | None = None, audios: Sequence | None = None,
                  prefills: Sequence[str] | None = None, safety_prompt: bool = False) -> list[Reply]:
-    """One ``Reply`` per prompt. ``images`` / ``audios``: one per prompt (or None entries) for thinkers."""
+    """One ``Reply`` per prompt. ``images`` / ``audios``: one per prompt (or None entries) for thinkers.
+    A CASA model trained with the safety prompt (``casa.safety_prompt``) always gets it here too, so
+    serving and threshold calibration see the prompts training saw."""
     import dataclasses as dc
 
     import jax
@@ -64,6 +66,7 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
     from casa_jax.sampling.strategies import from_temperature
 
     model, tokenizer = _loaded(ckpt_dir)  # first: says plainly when ckpt_dir is no checkpoint
+    safety_prompt = safety_prompt or bool(model.is_casa and model.casa.safety_prompt)
     if not model.is_casa and (threshold is not None or refusal_mode):
         from casa_jax.model.config import ConfigError
         raise ConfigError(f"{ckpt_dir}: --threshold/--refusal_mode apply to CASA models only; this checkpoint is "

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from casa_jax.casa.config import CasaConfig
-from casa_jax.casa.safety_attention import SafetyAttention, safety_step_logits
+from casa_jax.casa.safety_attention import SafetyAttention, safety_step_logits, v_s_from_logit
 from casa_jax.casa.safety_tokens import SafetyTokenIds
 from casa_jax.model.config import TextConfig
 from casa_jax.model.kv_cache import KVCache
@@ -96,9 +96,10 @@ class ConditionalSampler:
     def safety_step(self, weights: CasaWeights, out, prompt_mask) -> tuple[jax.Array, jax.Array]:
         """Prefill output -> (full-vocabulary step-0 logits [B, V] with only the safety tokens finite, v_s [B])."""
         hidden = out.final_hidden if self.casa.hidden_layer < 0 else out.hidden_states[0]
-        v_s = SafetyAttention(self.casa).apply({"params": weights.safety}, weights.unsafe_query, hidden,
-                                               prompt_mask.astype(bool))
-        return safety_step_logits(out.logits[:, -1], v_s, self.ids.safe, self.ids.unsafe, self.casa.scaling), v_s
+        v_logit = SafetyAttention(self.casa).apply({"params": weights.safety}, weights.unsafe_query, hidden,
+                                                   prompt_mask.astype(bool))
+        step = safety_step_logits(out.logits[:, -1], v_logit, self.ids.safe, self.ids.unsafe, self.casa.scaling)
+        return step, v_s_from_logit(v_logit)
 
     def decide(self, step_logits: jax.Array, v_s: jax.Array) -> SafetyDecision:
         probs = jax.nn.softmax(step_logits, axis=-1)
