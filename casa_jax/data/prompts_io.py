@@ -10,8 +10,9 @@ import os
 from typing import Iterator
 
 PROMPTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
-HARMFUL = ("harmful_advbench", "harmful_harmbench", "harmful_jbb")
-BENIGN = ("benign_jbb", "benign_mtbench", "benign_freshqa", "benign_writingbench_en", "benign_refusal_scorer")
+HARMFUL = ("harmful_advbench", "harmful_harmbench", "harmful_jbb", "harmful_pyrit_airt")
+BENIGN = ("benign_jbb", "benign_mtbench", "benign_freshqa", "benign_writingbench_en", "benign_refusal_scorer",
+          "benign_rho_overrefusal", "benign_ifeval")
 
 
 def read_jsonl_lines(path: str) -> Iterator[tuple[int, object]]:
