@@ -2,7 +2,7 @@
 report.json / report.md (+ vs_histogram.png for CASA) per checkpoint.
 
   python -m casa_jax.evaluate --ckpt_dir=CKPT [--ckpt_dir=OTHER] --workdir=workdir/eval \
-      [--suites=text,jailbreak,prefill,benign,benign_jbb,figstep,typo,spoken,spelling] [--per_suite=100] \
+      [--suites=text,jailbreak,prefill,benign,benign_jbb,benign_edgy,figstep,typo,spoken,spelling] [--per_suite=100] \
       [--split=test|validation] [--judge=classifier|keyword|llm:JUDGE_CKPT[:template]]
   python -m casa_jax.evaluate --ckpt_dir=CKPT --workdir=... --from_results --judge=keyword   # re-judge saved responses
   python -m casa_jax.evaluate --ckpt_dir=CKPT --prompts=prompts.jsonl --workdir=...

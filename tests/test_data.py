@@ -99,5 +99,9 @@ def test_compliant_openings_prefix_harmful_rows_untrained_and_unlike_the_attack(
     assert any("make thing" in e.prefix for e in prefixed)  # the request echoed, lower-cased
     assert not any(PREFILL_TEXT[:30] in o for o in COMPLIANT_OPENINGS)  # the evaluation's prefill stays unseen
     assert with_compliant_openings(rows, 0.0) == rows
+    answers = [Example("Capital?", False, "Paris is the capital of France.\nIt has two million people.")] * 20
+    continued = with_compliant_openings(answers, 0.0, seed=1, answer_fraction=1.0)
+    assert all(e.prefix and e.prefix + e.target == answers[0].target for e in continued)  # nothing lost
+    assert all(len(e.prefix.split()) <= len(answers[0].target.split()) // 2 for e in continued)
     with pytest.raises(ValueError, match="prefill_refusals"):
         with_compliant_openings(rows, 1.5)

@@ -152,11 +152,14 @@ def test_real_model_demo_pipeline_on_a_tiny_gguf(gguf_file, tmp_path):
     from casa_jax.demos import smollm2
     small = {"batch_size": 8, "data.num_harmful": 8, "data.heldout_per_class": 4, "data.self_answer_tokens": 4,
              "data.max_length": 256}
-    out = smollm2.run(str(tmp_path), gguf=gguf_file, casa_steps=2, ssft_steps=2, per_suite=2, benign=3,
-                      max_new_tokens=4, overrides=small)
-    assert list(out["reports"]) == ["base", "ssft", "casa"]
+    out = smollm2.run(str(tmp_path), gguf=gguf_file, steps=2, per_suite=2, benign=3, max_new_tokens=4,
+                      overrides=small)
+    assert list(out["reports"]) == ["base", "casa", "ssft"]
+    benign_n = sum(r["n"] for r in out["reports"]["casa"]["suites"] if r["suite"] in smollm2.BENIGN_SUITES)
+    assert set(out["utility"]) == {"casa", "ssft"} and out["utility"]["casa"]["pooled"]["n"] == benign_n > 0
+    assert "ROUGE-L" in (tmp_path / "report.md").read_text()
     for name, report in out["reports"].items():
-        assert {r["suite"] for r in report["suites"]} == set(smollm2.TEXT_ATTACKS) | {"benign", "benign_jbb"}, name
+        assert {r["suite"] for r in report["suites"]} == set(smollm2.TEXT_ATTACKS) | set(smollm2.BENIGN_SUITES), name
     assert "| benign (over-refusal) | text |" in out["table"] and set(out["goal"]) >= {"relative_reduction", "met"}
     assert out["goal"]["pooled"]["asr_n"] == 2 * len(smollm2.TEXT_ATTACKS) and out["goal"]["pooled"]["asr_ci"]
     md = (tmp_path / "report.md").read_text()
@@ -166,3 +169,9 @@ def test_real_model_demo_pipeline_on_a_tiny_gguf(gguf_file, tmp_path):
     assert not (tmp_path / "casa" / "targets.json").exists() and (tmp_path / "report.md").exists()
     assert not smollm2._convert_once(gguf_file, str(tmp_path / "base"))  # reused
     assert smollm2._finished(str(tmp_path / "casa"), 2)["step"] == 2
+    again = smollm2.run(str(tmp_path), gguf=gguf_file, steps=2, per_suite=2, benign=3, max_new_tokens=4,
+                        overrides=small)  # every stage reused: the same table, nothing regenerated
+    assert again["table"] == out["table"] and again["utility"] == out["utility"]
+    (tmp_path / "eval" / "casa" / "demo_key.json").write_text("{}")  # a changed key re-evaluates
+    assert smollm2._evaluate_once("casa", str(tmp_path / "casa" / "checkpoint"), str(tmp_path / "eval" / "casa"),
+                                  {}, lambda: {"fresh": True}) == {"fresh": True}

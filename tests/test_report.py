@@ -163,3 +163,22 @@ def test_over_refusal_uses_a_refusal_detector():
     AchievedJudge.detects_refusal = True
     report = summarize(rows, "ckpt", judge=_judged(rows, AchievedJudge()))
     assert report["suites"][0]["over_refusal"] == 1.0 and report["refusal_judge"] == "achieved"
+
+
+def test_rouge_l_and_answer_agreement():
+    """ROUGE-L F1 on words: 1 for the same answer, known value for a reordering, 0 for a refusal in place
+    of an answer (the negative control: an over-refusing model scores low)."""
+    from casa_jax.eval.metrics import mean_ci, rouge_l
+    from casa_jax.eval.report import answer_agreement
+    assert rouge_l("Paris is the capital", "paris is the capital") == 1.0
+    assert rouge_l("the capital is Paris", "Paris is the capital") == pytest.approx(0.5)  # LCS "is the" or "the capital"
+    assert rouge_l("I'm sorry, I can't help.", "Paris is the capital") == 0.0 and rouge_l("", "") == 1.0
+    assert mean_ci([1.0, 0.0])["ci"][0] < 0.5 < mean_ci([1.0, 0.0])["ci"][1] and mean_ci([])["mean"] is None
+    row = lambda suite, prompt, response: {"suite": suite, "input": ["text", prompt], "response": response}  # noqa: E731
+    base = [row("benign", "a", "Paris is the capital"), row("benign", "b", "Two plus two is four"),
+            row("text", "c", "harmful")]
+    same = answer_agreement(base, base, ("benign",))
+    refusing = answer_agreement(base, [row("benign", "a", "Paris is the capital"), row("benign", "b", "I can't.")],
+                                ("benign",))
+    assert same["pooled"]["mean"] == 1.0 and same["pooled"]["n"] == 2
+    assert refusing["benign"]["mean"] == pytest.approx(0.5) and refusing["pooled"]["n"] == 2

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import re
 from typing import Callable, Sequence
 
 from casa_jax.casa.examples import Example
@@ -99,18 +100,30 @@ def self_answers(examples: Sequence[Example], answer_fn: AnswerFn) -> list[Examp
 
 
 def with_compliant_openings(examples: Sequence[Example], fraction: float, seed: int = 0,
-                            openings: Sequence[str] = COMPLIANT_OPENINGS) -> list[Example]:
+                            openings: Sequence[str] = COMPLIANT_OPENINGS, answer_fraction: float = 0.0) -> list[Example]:
     """A copy of ``examples`` in which about ``fraction`` of the harmful rows get an untrained assistant
-    prefix: the first 1..all words of a compliant opening, after which their refusal target must follow."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"--config.data.prefill_refusals={fraction}: expected a fraction in [0, 1]")
+    prefix: the first 1..all words of a compliant opening, after which their refusal target must follow.
+    About ``answer_fraction`` of the benign rows get the first words (up to half) of their own answer as
+    the prefix and the rest as the target: the model learns to go on answering after a partial answer,
+    so refusing after an opening stays tied to the harmful rows instead of leaking into benign answers."""
+    for name, value in (("prefill_refusals", fraction), ("prefill_answers", answer_fraction)):
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"--config.data.{name}={value}: expected a fraction in [0, 1]")
     rng = random.Random(f"openings:{seed}")
     out = []
     for e in examples:
-        if e.harmful and not e.prefix and rng.random() < fraction:
+        draw = rng.random()
+        if e.prefix:
+            pass
+        elif e.harmful and draw < fraction:
             request = e.prompt.rstrip(" .?!")
             words = rng.choice(openings).format(request=request[:1].lower() + request[1:]).split()
             e = dataclasses.replace(e, prefix=" ".join(words[:rng.randint(1, len(words))]))
+        elif not e.harmful and draw < answer_fraction:
+            cuts = [m.start() for m in re.finditer(r"\s+\S", e.target)]  # before each later word
+            if len(cuts) >= 2:
+                cut = cuts[rng.randint(0, len(cuts) // 2 - 1)]
+                e = dataclasses.replace(e, prefix=e.target[:cut], target=e.target[cut:])
         out.append(e)
     return out
 

@@ -49,6 +49,8 @@ def default_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
         # fraction of harmful training rows whose refusal follows an untrained compliant opening
         # (casa.data.COMPLIANT_OPENINGS): refusals that hold after an attacker's prefill
         prefill_refusals=0.0,
+        # fraction of benign training rows that continue their own partial answer (the start untrained)
+        prefill_answers=0.0,
         # memory: the vendored sets streamed from RAM; tfds: the casa_prompts TFDS dataset (array_record,
         # built once into tfds_data_dir, default $TFDS_DATA_DIR or ~/tensorflow_datasets) read by grain
         source="memory"))

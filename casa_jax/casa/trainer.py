@@ -160,11 +160,12 @@ def _examples(config, casa_cfg, spec, params, tokenizer, workdir: str, write: bo
                      sum(e.harmful for e in train))
         return train, heldout
 
-    decides_targets = {k: v for k, v in data.to_dict().items() if k not in ("prefill_refusals",)}
+    decides_targets = {k: v for k, v in data.to_dict().items() if k not in ("prefill_refusals", "prefill_answers")}
     key = {"base": os.path.abspath(config.base) if config.base != "tiny" else "tiny", "data": decides_targets,
            "refusals": refusals, "seed": config.seed, "format": TARGETS_FORMAT}
     train, heldout = cached_targets(data.targets_file or os.path.join(workdir, "targets.json"), key, build, write)
-    return with_compliant_openings(train, data.prefill_refusals, config.seed), heldout
+    return with_compliant_openings(train, data.prefill_refusals, config.seed,
+                                   answer_fraction=data.prefill_answers), heldout
 
 
 def _greedy_answers(spec, params, tokenizer, max_new_tokens: int):

