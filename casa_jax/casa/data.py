@@ -99,6 +99,20 @@ def self_answers(examples: Sequence[Example], answer_fn: AnswerFn) -> list[Examp
     return out
 
 
+def with_forced_unsafe(examples: Sequence[Example], fraction: float, refusals: Sequence[str],
+                       seed: int = 0) -> list[Example]:
+    """``examples`` plus, for about ``fraction`` of the benign rows, a copy that is given the unsafe token
+    and a refusal (``Example.forced_unsafe``; CASA only: SSFT would learn to refuse benign prompts)."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ConfigError(f"--config.data.forced_unsafe={fraction}: expected a fraction in [0, 1]")
+    rng = random.Random(f"forced:{seed}")
+    extra = [Example(e.prompt, False, refusals[i % len(refusals)], forced_unsafe=True)
+             for i, e in enumerate(x for x in examples if not x.harmful and rng.random() < fraction)]
+    out = list(examples) + extra
+    rng.shuffle(out)
+    return out
+
+
 def with_compliant_openings(examples: Sequence[Example], fraction: float, seed: int = 0,
                             openings: Sequence[str] = COMPLIANT_OPENINGS, answer_fraction: float = 0.0) -> list[Example]:
     """A copy of ``examples`` in which about ``fraction`` of the harmful rows get an untrained assistant

@@ -31,6 +31,10 @@ class Example:
     # False when the target is cut (a distilled answer that hit its token budget): no end-of-turn token
     # is appended, so the model is not taught to stop mid-answer.
     ends_turn: bool = True
+    # CASA only: a benign prompt given the unsafe token and a refusal target, with no safety-token loss.
+    # Such rows teach the decoder that the token, not the prompt's topic, decides whether it refuses
+    # (without them it learns to refuse topic-matched benign prompts even after ``<|safe|>``).
+    forced_unsafe: bool = False
 
 
 @flax.struct.dataclass
@@ -41,6 +45,7 @@ class TrainBatch:
     prompt_mask: jax.Array  # [B, T] int32: the prompt positions the safety attention reads
     safety_index: jax.Array  # [B] int32: position of the safety token (-1: none, e.g. SSFT)
     label: jax.Array  # [B] int32: 1 harmful, 0 benign
+    safety_weight: jax.Array  # [B] float32: 1 where the safety-token loss applies, 0 for forced-token rows
 
 
 def render_prompt(tokenizer, prompt: str, safety_prompt: bool = False) -> list[int]:
@@ -63,12 +68,13 @@ def build_batch(tokenizer, examples: Sequence[Example], length: int, ids: Safety
     out = {k: np.zeros((b, length), np.int32) for k in ("input_ids", "attention_mask", "loss_mask", "prompt_mask")}
     safety_index = np.full((b,), -1, np.int32)
     label = np.asarray([int(e.harmful) for e in examples], np.int32)
+    safety_weight = np.asarray([0.0 if e.forced_unsafe else 1.0 for e in examples], np.float32)
     eot = end_of_turn_id(tokenizer)
     pad = tokenizer.pad_token_id or 0
     out["input_ids"][:] = pad
     for row, ex in enumerate(examples):
         prompt = render_prompt(tokenizer, ex.prompt, safety_prompt)
-        head = prompt + ([ids.of(ex.harmful)] if ids is not None else [])
+        head = prompt + ([ids.of(ex.harmful or ex.forced_unsafe)] if ids is not None else [])
         head += tokenizer.encode(ex.prefix, add_special_tokens=False) if ex.prefix else []
         if len(head) + 1 > length:
             raise ValueError(f"example {row}: the prompt takes {len(head)} tokens, more than length={length} allows "
@@ -82,4 +88,4 @@ def build_batch(tokenizer, examples: Sequence[Example], length: int, ids: Safety
         out["prompt_mask"][row, :len(prompt)] = 1
         if ids is not None:
             safety_index[row] = len(prompt)
-    return TrainBatch(safety_index=safety_index, label=label, **out)
+    return TrainBatch(safety_index=safety_index, label=label, safety_weight=safety_weight, **out)

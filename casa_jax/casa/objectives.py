@@ -21,7 +21,8 @@ denominator that depends only on the batch's masks and labels (``NORMALIZERS``),
   w_i / n_i (n_i its target tokens), a beta-weighted mean of per-example means;
 - Circuit Breakers: reroute = sum of ReLU(cos) over (layer, harmful real token) / their count, retain = sum
   of the distance over (layer, benign real token) / their count (each count at least 1);
-- ``safety_accuracy``, ``v_s_mean``: sums over examples / the number of examples.
+- ``safety_accuracy``, ``v_s_mean``: sums over scored examples / their number (rows with a forced
+  safety token, ``safety_weight`` 0, carry neither the safety loss nor these metrics).
 
 A loss called with ``norms`` from ``NORMALIZERS[objective](setup, full_batch)`` on a slice of that batch
 returns that slice's share, so the shares over any split of the batch sum exactly to the full batch's
@@ -123,7 +124,8 @@ def _dropout(rng) -> dict:
 
 def casa_normalizers(setup: ObjectiveSetup, batch: TrainBatch) -> dict:
     weights = _example_weights(batch, setup.casa.beta)
-    return {"examples": jnp.asarray(batch.label.shape[0], jnp.float32), "safety": jnp.maximum(jnp.sum(weights), 1e-6),
+    return {"examples": jnp.maximum(jnp.sum(batch.safety_weight), 1.0),
+            "safety": jnp.maximum(jnp.sum(weights * batch.safety_weight), 1e-6),
             "lm": jnp.maximum(jnp.sum(_lm_token_weights(batch, weights, setup.casa.lm_loss_per)), 1e-6)}
 
 
@@ -171,12 +173,13 @@ def casa_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng, 
     weights = _example_weights(batch, cfg.beta)
     logp = jax.nn.log_softmax(pair, axis=-1)
     safety_nll = -jnp.take_along_axis(logp, batch.label[:, None], axis=-1)[:, 0]
-    safety = jnp.sum(safety_nll * weights) / norms["safety"]
+    scored = batch.safety_weight  # forced-token rows carry no safety loss and no safety metrics
+    safety = jnp.sum(safety_nll * weights * scored) / norms["safety"]
     lm = lm_loss(out.logits, batch, weights, norms["lm"], cfg.lm_loss_per)
     correct = (jnp.argmax(pair, -1) == batch.label).astype(jnp.float32)
-    return cfg.safety_loss_weight * safety + lm, {"safety_loss": safety, "lm_loss": lm,
-                                                  "safety_accuracy": jnp.sum(correct) / norms["examples"],
-                                                  "v_s_mean": jnp.sum(v_s_from_logit(v_logit)) / norms["examples"]}
+    return cfg.safety_loss_weight * safety + lm, {
+        "safety_loss": safety, "lm_loss": lm, "safety_accuracy": jnp.sum(correct * scored) / norms["examples"],
+        "v_s_mean": jnp.sum(v_s_from_logit(v_logit) * scored) / norms["examples"]}
 
 
 def ssft_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng, progress, norms=None):

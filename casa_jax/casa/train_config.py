@@ -51,6 +51,9 @@ def default_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
         prefill_refusals=0.0,
         # fraction of benign training rows that continue their own partial answer (the start untrained)
         prefill_answers=0.0,
+        # CASA: add a copy of this fraction of the benign rows with the unsafe token forced and a refusal
+        # target (no safety loss), so the decoder follows the token rather than the topic
+        forced_unsafe=0.0,
         # memory: the vendored sets streamed from RAM; tfds: the casa_prompts TFDS dataset (array_record,
         # built once into tfds_data_dir, default $TFDS_DATA_DIR or ~/tensorflow_datasets) read by grain
         source="memory"))
@@ -80,13 +83,15 @@ def tiny_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
 
 def smollm2_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
     """CASA / SSFT on SmolLM2-135M-Instruct sized for 2 CPU cores (``configs/casa_smollm2.py``, the demo):
-    short prompts, harmful AdvBench + HarmBench against four benign sets at the paper's 1.6 ratio, benign
-    answers self-distilled from the base model."""
+    short prompts, harmful AdvBench + HarmBench + PyRIT's red-team objectives against six benign sets at
+    the paper's 1.6 ratio, benign answers self-distilled from the base model; half the refusals follow
+    a compliant opening and half the answers continue their own start; attention-pooled safety head,
+    per-example LM loss. Chosen on the validation split (WORKSPACE.md, "SmolLM2 recipe ablation")."""
     from casa_jax.casa.data import PAPER_BENIGN_RATIO
     config = default_train_config(objective)
     config.base = ""  # required: a converted checkpoint (the demo converts the GGUF file itself)
     config.batch_size = 8
-    config.num_train_steps = 100
+    config.num_train_steps = 100  # the demo's 20-minute main job trains 60 (casa_jax/demos/smollm2.py)
     config.warmup_steps = 5
     config.learning_rate = 1e-3
     config.log_every_steps = 10
@@ -97,8 +102,13 @@ def smollm2_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
     config.casa.safety_loss_weight = 4.0
     config.safety_learning_rate = 3e-3
     data = config.data
-    data.harmful_sets = ("harmful_advbench", "harmful_harmbench")
-    data.benign_sets = ("benign_freshqa", "benign_mtbench", "benign_jbb", "benign_refusal_scorer")
+    data.harmful_sets = ("harmful_advbench", "harmful_harmbench", "harmful_pyrit_airt")
+    data.benign_sets = ("benign_freshqa", "benign_mtbench", "benign_jbb", "benign_refusal_scorer",
+                        "benign_rho_overrefusal", "benign_ifeval")
+    # refusals that hold after an attacker's prefill, without leaking refusals into benign answers
+    data.prefill_refusals = data.prefill_answers = 0.5
+    config.casa.aggregation = "attention"  # learns to ignore the template tokens every prompt shares
+    config.casa.lm_loss_per = "example"  # long benign answers no longer outvote the short refusals
     data.num_harmful, data.benign_ratio = 200, PAPER_BENIGN_RATIO
     data.max_chars, data.max_length = 120, 96
     data.benign_target, data.harmful_target = "self", "template"

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from casa_jax.casa.checkpoint import TrainedModel, load_trained, save_trained
 from casa_jax.casa.config import CasaConfig
 from casa_jax.casa.data import (Answer, cached_targets, model_refusals, self_answers, split_examples,
-                                with_compliant_openings)
+                                with_compliant_openings, with_forced_unsafe)
 from casa_jax.casa.examples import build_batch, render_prompt
 from casa_jax.casa.lora import init_lora
 from casa_jax.casa.objectives import CircuitBreakerConfig, ObjectiveSetup, trainable_parts
@@ -160,12 +160,15 @@ def _examples(config, casa_cfg, spec, params, tokenizer, workdir: str, write: bo
                      sum(e.harmful for e in train))
         return train, heldout
 
-    decides_targets = {k: v for k, v in data.to_dict().items() if k not in ("prefill_refusals", "prefill_answers")}
+    decides_targets = {k: v for k, v in data.to_dict().items()
+                       if k not in ("prefill_refusals", "prefill_answers", "forced_unsafe")}
     key = {"base": os.path.abspath(config.base) if config.base != "tiny" else "tiny", "data": decides_targets,
            "refusals": refusals, "seed": config.seed, "format": TARGETS_FORMAT}
     train, heldout = cached_targets(data.targets_file or os.path.join(workdir, "targets.json"), key, build, write)
-    return with_compliant_openings(train, data.prefill_refusals, config.seed,
-                                   answer_fraction=data.prefill_answers), heldout
+    train = with_compliant_openings(train, data.prefill_refusals, config.seed, answer_fraction=data.prefill_answers)
+    if config.objective == "casa" and data.forced_unsafe:
+        train = with_forced_unsafe(train, data.forced_unsafe, refusals, config.seed)
+    return train, heldout
 
 
 def _greedy_answers(spec, params, tokenizer, max_new_tokens: int):

@@ -55,18 +55,20 @@ def decode(record: dict) -> dict:
 
 
 class IndexedExamples:
-    """A grain map source: the chosen records (by index) of a TFDS source, as training ``Example``s."""
+    """A grain map source: the chosen records (by index) of a TFDS source, as training ``Example``s. Prompt
+    and label come from the record; target, assistant prefix and the other per-row choices from the
+    ``examples`` the trainer prepared (one per index)."""
 
-    def __init__(self, source, indices: Sequence[int], targets: Sequence[str]):
-        self.source, self.indices, self.targets = source, list(indices), list(targets)
+    def __init__(self, source, indices: Sequence[int], examples: Sequence):
+        self.source, self.indices, self.examples = source, list(indices), list(examples)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
-        from casa_jax.casa.examples import Example
+        import dataclasses
         record = decode(self.source[self.indices[i]])
-        return Example(record["prompt"], bool(record["harmful"]), self.targets[i])
+        return dataclasses.replace(self.examples[i], prompt=record["prompt"], harmful=bool(record["harmful"]))
 
 
 def example_iterator(source: IndexedExamples, per_process_batch: int, seed: int, process_index: int = 0,

@@ -159,7 +159,7 @@ def goal_summary(goal: dict) -> str:
             f"Goal {'met' if goal['met'] else 'NOT met'}.")
 
 
-def run(workdir: str, gguf: str | None = None, steps: int = 100, per_suite: int = 20, benign: int = 60,
+def run(workdir: str, gguf: str | None = None, steps: int = 60, per_suite: int = 20, benign: int = 40,
         max_new_tokens: int = 48, overrides: dict | None = None, judge=None, ablation: bool = False) -> dict:
     """The main job; ``per_suite`` harmful test prompts per attack and ``benign`` per over-refusal set (the
     README's tables use ``python -m casa_jax.evaluate`` on the whole test split instead). Every method

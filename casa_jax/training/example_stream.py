@@ -61,7 +61,7 @@ class GrainStream:
         if missing:
             raise ValueError(f"{len(missing)} training prompts are not in the TFDS casa_prompts dataset "
                              f"(e.g. {missing[0]!r}); rebuild it from this version of the package")
-        indexed = IndexedExamples(source, [index[e.prompt] for e in examples], [e.target for e in examples])
+        indexed = IndexedExamples(source, [index[e.prompt] for e in examples], examples)
         self.seed = seed
         self._make = lambda: example_iterator(indexed, batch_size // process_count, seed, process_index, process_count)
         self._iterator = self._make()
