@@ -287,8 +287,10 @@ def test_tfds_grain_pipeline_resumes_exactly(tmp_path):
     straight = tmp_path / "straight"
     r = subprocess.run(_train_cmd(straight, *extra), capture_output=True, text=True, cwd=ROOT, env=ONE_DEVICE)
     assert r.returncode == 0, r.stderr[-3000:]
-    files = [n for n in os.listdir(tfds_dir / "casa_prompts" / "2.0.0") if ".array_record" in n]
-    assert files, os.listdir(tfds_dir / "casa_prompts" / "2.0.0")
+    from casa_jax.data.tfds_prompts import CasaPrompts
+    built = tfds_dir / "casa_prompts" / str(CasaPrompts.VERSION)
+    files = [n for n in os.listdir(built) if ".array_record" in n]
+    assert files, os.listdir(built)
 
     stopped = tmp_path / "stopped"
     proc = subprocess.Popen(_train_cmd(stopped, *extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -309,8 +311,8 @@ def test_tfds_grain_pipeline_resumes_exactly(tmp_path):
                            cwd=ROOT)
     sizes = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else probe.stderr[-2000:]
     # Every vendored prompt once, in exactly one split, roughly 80/10/10; TensorFlow never imported.
-    assert sizes["total"] == sizes["distinct_prompts"] == 1595 and not sizes["tensorflow"], sizes
-    assert 0.75 < sizes["train"] / 1595 < 0.85 and 0.07 < sizes["test"] / 1595 < 0.13, sizes
+    assert sizes["total"] == sizes["distinct_prompts"] == 2319 and not sizes["tensorflow"], sizes
+    assert 0.75 < sizes["train"] / 2319 < 0.85 and 0.07 < sizes["test"] / 2319 < 0.13, sizes
 
 
 PROBE = """

