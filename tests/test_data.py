@@ -1,6 +1,7 @@
 """Training mixtures: the real recipe's config builds its split in the paper's proportion, user JSONL
 prompt sets, self-distilled benign answers and model refusals through our sampler, and the target cache."""
 
+import dataclasses
 import json
 import os
 
@@ -70,7 +71,7 @@ def test_cached_targets_rebuild_only_when_the_key_changes(tmp_path):
     with open(path, "w") as f:
         f.write("{not json")
     assert cached_targets(path, {"k": 2}, build) == first and len(built) == 3  # unreadable cache: rebuilt
-    assert json.load(open(path))["train"] == [{"prompt": "a", "harmful": True, "target": "r", "prefix": "", "ends_turn": True}]
+    assert json.load(open(path))["train"] == [dataclasses.asdict(Example("a", True, "r"))]
 
 
 def test_trainer_distills_through_the_sampler_and_caches(tmp_path, monkeypatch):

@@ -72,7 +72,7 @@ def test_demo_end_to_end(tmp_path):
     workdir = tmp_path / "demo"
     result = run(str(workdir), casa_steps=20, baseline_steps=10, per_suite=2, max_new_tokens=4)
     assert result["round_trip_exact"]
-    assert sum(result["data"]["sizes"].values()) == 1595
+    assert sum(result["data"]["sizes"].values()) == 2319
     assert list(result["reports"]) == ["base", "casa", "ssft", "circuit_breaker"]
     audio = espeak_available()
     if not audio and os.environ.get("CASA_REQUIRE_ESPEAK") == "1":
