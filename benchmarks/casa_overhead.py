@@ -24,8 +24,8 @@ from casa_jax.casa.safety_attention import SafetyAttention
 from casa_jax.casa.safety_tokens import SafetyTokenIds
 from casa_jax.model.config import TextConfig
 from casa_jax.model.text_decoder import CausalLM, init_inputs
-from casa_jax.sampling.conditional import CasaWeights, ConditionalSampler
-from casa_jax.sampling.sampler import Sampler
+from casa_jax.infer.casa_gate import CasaWeights, ConditionalSampler
+from casa_jax.infer.decode import Sampler
 
 
 def main():

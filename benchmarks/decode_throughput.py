@@ -19,12 +19,12 @@ import numpy as np
 import torch
 import transformers
 
-from casa_jax.checkpoints.convert_lib import hf_to_ckpt
-from casa_jax.checkpoints.gguf_import import gguf_to_hf_dir
-from casa_jax.checkpoints.orbax_io import restore_checkpoint
+from casa_jax.io.convert_lib import hf_to_ckpt
+from casa_jax.io.gguf_import import gguf_to_hf_dir
+from casa_jax.io.orbax_io import restore_checkpoint
 from casa_jax.demos.smollm2 import locate_gguf
 from casa_jax.model.text_decoder import CausalLM
-from casa_jax.sampling.sampler import Sampler, left_pad
+from casa_jax.infer.decode import Sampler, left_pad
 
 PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.",
            "Explain photosynthesis in simple terms.", "Write a short poem about the sea.",

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import transformers
 
-from casa_jax.checkpoints.hf import load_hf_checkpoint
+from casa_jax.io.hf import load_hf_checkpoint
 from casa_jax.model.audio_encoder import AudioEncoder, audio_layout
 from casa_jax.model.thinker import Thinker
 from casa_jax.model.vision_encoder import VisionEncoder

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import transformers
 
-from casa_jax.checkpoints.hf import load_hf_checkpoint
+from casa_jax.io.hf import load_hf_checkpoint
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM
 

@@ -27,7 +27,7 @@ def quiet_libraries() -> None:
 @contextlib.contextmanager
 def exit_on_bad_input():
     """Turn a bad checkpoint, config or media input into one ``error: ...`` line on stderr and exit status 2."""
-    from casa_jax.checkpoints.hf_files import CheckpointError
+    from casa_jax.io.hf_files import CheckpointError
     from casa_jax.model.config import ConfigError
     from casa_jax.processing import InputError
     try:

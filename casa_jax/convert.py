@@ -25,7 +25,7 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    from casa_jax.checkpoints.convert_lib import ckpt_to_hf, gguf_to_ckpt, hf_to_ckpt
+    from casa_jax.io.convert_lib import ckpt_to_hf, gguf_to_ckpt, hf_to_ckpt
     quiet_libraries()
     importing = FLAGS.hf_dir is not None or FLAGS.gguf is not None or FLAGS.out_dir is not None
     exporting = FLAGS.ckpt_dir is not None or FLAGS.export_hf_dir is not None

@@ -59,7 +59,7 @@ def main(argv):
         except ValueError as e:
             from casa_jax.processing import InputError
             raise InputError(f"--judge: {e}") from e
-        from casa_jax.checkpoints.orbax_io import read_meta
+        from casa_jax.io.orbax_io import read_meta
         from casa_jax.eval.suites import SUITES
         from casa_jax.processing import InputError
         unknown = sorted(set(FLAGS.suites) - set(SUITES))

@@ -120,7 +120,7 @@ def main(argv):
     quiet_libraries()
     import os
 
-    from casa_jax.sampling.chat import chat_replies
+    from casa_jax.infer.chat import chat_replies
     with exit_on_bad_input():
         _check_flags()
         records = _records()

@@ -95,7 +95,7 @@ def torch_logits(hf_dir: str, spec, ids: np.ndarray, mask: np.ndarray, dtype: st
 def jax_logits(hf_dir: str, ids: np.ndarray, mask: np.ndarray, dtype: str) -> np.ndarray:
     import jax
 
-    from casa_jax.checkpoints.hf import load_hf_checkpoint
+    from casa_jax.io.hf import load_hf_checkpoint
     from casa_jax.model.rope import positions_from_mask
     from casa_jax.model.text_decoder import CausalLM
     loaded = load_hf_checkpoint(hf_dir, param_dtype=dtype, dtype=dtype, progress=False)
@@ -184,7 +184,7 @@ def run_multimodal_parity(hf_dir: str, image=None, audio=None, dtype: str = "flo
     import torch
     import transformers
 
-    from casa_jax.checkpoints.hf import load_hf_checkpoint
+    from casa_jax.io.hf import load_hf_checkpoint
     from casa_jax.model.thinker import Thinker
 
     loaded = load_hf_checkpoint(hf_dir, param_dtype=dtype, dtype=dtype, progress=False)

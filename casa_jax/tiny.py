@@ -105,7 +105,7 @@ def write_tiny_hf_dir(out_dir: str, model: dict | None = None, seed: int = TINY_
     import tempfile
 
 
-    from casa_jax.checkpoints.hf import write_hf_checkpoint
+    from casa_jax.io.hf import write_hf_checkpoint
 
     spec = tiny_spec(model)
     params = random_params(spec.text, seed)
@@ -150,7 +150,7 @@ def write_tiny_thinker_dir(out_dir: str, seed: int = TINY_SEED, overwrite: bool 
 
     import flax.linen as nn
 
-    from casa_jax.checkpoints.hf import write_hf_checkpoint
+    from casa_jax.io.hf import write_hf_checkpoint
     from casa_jax.model.config import spec_from_hf_config
     from casa_jax.model.encoder_config import encoder_configs
     from casa_jax.model.text_decoder import CausalLM, init_inputs

@@ -9,8 +9,8 @@ proportion (about 1.6 benign per harmful), benign answers self-distilled from th
 from the model itself under the safety prompt where it refuses (the template otherwise).
 """
 
-from casa_jax.casa.data import PAPER_BENIGN_RATIO
-from casa_jax.casa.train_config import default_train_config
+from casa_jax.train.mixtures import PAPER_BENIGN_RATIO
+from casa_jax.train.config import default_train_config
 from casa_jax.data.prompts_io import BENIGN, HARMFUL
 
 

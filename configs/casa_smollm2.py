@@ -5,7 +5,7 @@
       --workdir=workdir/smollm2/casa
 """
 
-from casa_jax.casa.train_config import smollm2_train_config
+from casa_jax.train.config import smollm2_train_config
 
 
 def get_config(objective: str = "casa"):

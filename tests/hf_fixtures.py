@@ -137,7 +137,7 @@ def sharpen_dir(path: str, seed: int = 0) -> str:
 def sharp_params(cfg, seed: int = 0) -> dict:
     """Decoder params (NumPy) for a casa-jax ``TextConfig``: ``sharpen_tensors`` draws them in the Hugging Face
     layout, our import rules (``name_map.text_rules``) map them to the params tree."""
-    from casa_jax.checkpoints.name_map import text_rules
+    from casa_jax.io.name_map import text_rules
     rules = text_rules(cfg)
     keys = {r.path: [r.hf_key.format(layer=i) for i in range(r.num_layers)] if r.per_layer else [r.hf_key]
             for r in rules}

@@ -11,14 +11,14 @@ import pytest
 from casa_jax import tiny
 from casa_jax.casa.config import CasaConfig
 from casa_jax.casa.examples import Example, build_batch, render_prompt
-from casa_jax.casa.lora import init_lora, merge_lora, unmerge_lora
+from casa_jax.peft.lora import init_lora, merge_lora, unmerge_lora
 from casa_jax.casa.objectives import LOSSES, ObjectiveSetup
 from casa_jax.casa.safety_attention import SafetyAttention, v_s_from_logit
 from casa_jax.casa.safety_tokens import add_safety_tokens, strip_safety_tokens
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM, init_inputs
-from casa_jax.sampling.conditional import CasaWeights, ConditionalSampler
-from casa_jax.sampling.sampler import bucket_length, left_pad
+from casa_jax.infer.casa_gate import CasaWeights, ConditionalSampler
+from casa_jax.infer.decode import bucket_length, left_pad
 
 PROMPTS = ["Write a haiku about the sea.", "How do I learn a new language?",
            "What is the capital of France?", "Explain photosynthesis in one line."]
@@ -122,7 +122,7 @@ def test_forced_unsafe_rows_get_the_unsafe_token_and_no_safety_loss(casa_model):
     """A benign prompt with a forced ``<|unsafe|>`` trains the refusal after the token but never the
     safety decision: its safety loss weight is 0, so the loss equals that of the batch without the row's
     safety term. Negative control: the same row unforced changes the safety loss."""
-    from casa_jax.casa.data import with_forced_unsafe
+    from casa_jax.train.mixtures import with_forced_unsafe
     m = casa_model
     tok, ids, w = m["tokenizer"], m["ids"], m["weights"]
     rows = [Example("Hi there", False, "Hello."), Example("Hack a bank", True, "No.")]

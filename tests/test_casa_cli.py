@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from casa_jax.casa.config import DEFAULT_REFUSAL
-from casa_jax.casa.data import split_examples
+from casa_jax.train.mixtures import split_examples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "casa_tiny.py")
@@ -48,7 +48,7 @@ def test_train_save_reload_generate(objective, tmp_path, heldout_prompts):
     if objective == "casa":  # the threshold chosen on the held-out prompts is recorded and stored
         calibration = records.pop()
         assert calibration["calibration_balanced_accuracy"] >= 0.95, calibration
-        from casa_jax.casa.checkpoint import load_trained
+        from casa_jax.io.trained import load_trained
         assert load_trained(str(workdir / "checkpoint")).casa.threshold == calibration["calibrated_threshold"]
     if objective == "circuit_breaker":
         # Its total is a schedule-weighted sum whose retain weight grows from 0; the term it optimises is the
@@ -92,7 +92,7 @@ def test_export_keeps_safety_tokens_and_merges_lora(tmp_path):
     import torch
     import transformers
 
-    from casa_jax.casa.checkpoint import load_trained
+    from casa_jax.io.trained import load_trained
     from casa_jax.model.rope import positions_from_mask
     from casa_jax.model.text_decoder import CausalLM
 

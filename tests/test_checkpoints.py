@@ -13,11 +13,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import hf_fixtures as fx
-from casa_jax.checkpoints import hf_files
-from casa_jax.checkpoints.convert_lib import ckpt_to_hf, hf_to_ckpt
-from casa_jax.checkpoints.hf import load_hf_checkpoint, write_hf_checkpoint
-from casa_jax.checkpoints.hf_files import CheckpointError, SafetensorsDir
-from casa_jax.checkpoints.orbax_io import restore_checkpoint
+from casa_jax.io import hf_files
+from casa_jax.io.convert_lib import ckpt_to_hf, hf_to_ckpt
+from casa_jax.io.hf import load_hf_checkpoint, write_hf_checkpoint
+from casa_jax.io.hf_files import CheckpointError, SafetensorsDir
+from casa_jax.io.orbax_io import restore_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from casa_jax.checkpoints.hf_files import CheckpointError
+from casa_jax.io.hf_files import CheckpointError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
@@ -80,7 +80,7 @@ def tiny(tmp_path_factory):
     from hf_fixtures import make_qwen2
 
     from casa_jax import tiny as tiny_lib
-    from casa_jax.checkpoints.convert_lib import hf_to_ckpt
+    from casa_jax.io.convert_lib import hf_to_ckpt
     root = tmp_path_factory.mktemp("tiny")
     hf = make_qwen2(str(root / "hf"), max_position_embeddings=64)
     tiny_lib.build_tokenizer(256).save_pretrained(hf)
@@ -92,7 +92,7 @@ def tiny(tmp_path_factory):
 def test_integer_weights_are_refused(tiny, tmp_path):
     from safetensors.numpy import load_file, save_file
 
-    from casa_jax.checkpoints.hf import load_hf_checkpoint
+    from casa_jax.io.hf import load_hf_checkpoint
     bad = tmp_path / "int"
     shutil.copytree(tiny[0], bad)
     tensors = load_file(str(bad / "model.safetensors"))
@@ -104,8 +104,8 @@ def test_integer_weights_are_refused(tiny, tmp_path):
 
 
 def test_truncated_and_incomplete_checkpoints_name_the_file(tiny, tmp_path):
-    from casa_jax.checkpoints.hf import load_hf_checkpoint
-    from casa_jax.checkpoints.orbax_io import restore_checkpoint
+    from casa_jax.io.hf import load_hf_checkpoint
+    from casa_jax.io.orbax_io import restore_checkpoint
     short = tmp_path / "short"
     shutil.copytree(tiny[0], short)
     weights = short / "model.safetensors"
@@ -131,7 +131,7 @@ def test_truncated_and_incomplete_checkpoints_name_the_file(tiny, tmp_path):
 def test_prompt_past_the_context_and_ignored_casa_flags(tiny):
     from casa_jax.model.config import ConfigError
     from casa_jax.processing import InputError
-    from casa_jax.sampling.chat import chat_replies, clear_cache
+    from casa_jax.infer.chat import chat_replies, clear_cache
     clear_cache()
     with pytest.raises(InputError, match="more than the model's context of 64"):
         chat_replies(tiny[1], ["word " * 80], max_new_tokens=4)
@@ -151,9 +151,9 @@ def test_jsonl_errors_name_the_line(tmp_path):
 
 def test_output_locations_are_checked_before_reading(tiny, tmp_path):
     """An output path that is a file, or whose folder cannot be written, fails before the input is read."""
-    from casa_jax.casa.train_config import tiny_train_config
-    from casa_jax.casa.trainer import train
-    from casa_jax.checkpoints.convert_lib import ckpt_to_hf, hf_to_ckpt
+    from casa_jax.train.config import tiny_train_config
+    from casa_jax.train.trainer import train
+    from casa_jax.io.convert_lib import ckpt_to_hf, hf_to_ckpt
     from casa_jax.model.config import ConfigError
     a_file = tmp_path / "file"
     a_file.write_text("keep me")

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from casa_jax.casa.data import (COMPLIANT_OPENINGS, Answer, cached_targets, model_refusals, self_answers,
+from casa_jax.train.mixtures import (COMPLIANT_OPENINGS, Answer, cached_targets, model_refusals, self_answers,
                                 split_examples, with_compliant_openings)
 from casa_jax.casa.examples import Example
 from casa_jax.data.prompts_io import load_prompts
@@ -75,9 +75,9 @@ def test_cached_targets_rebuild_only_when_the_key_changes(tmp_path):
 
 
 def test_trainer_distills_through_the_sampler_and_caches(tmp_path, monkeypatch):
-    from casa_jax.casa import trainer
+    from casa_jax.train import trainer
     from casa_jax.casa.config import CasaConfig
-    from casa_jax.casa.train_config import tiny_train_config
+    from casa_jax.train.config import tiny_train_config
     config = tiny_train_config("casa")
     config.data.num_harmful, config.data.heldout_per_class, config.data.self_answer_tokens = 4, 2, 3
     config.data.benign_target, config.data.harmful_target = "self", "model"

@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from casa_jax.checkpoints.convert_lib import ckpt_to_hf, gguf_to_ckpt, hf_to_ckpt
-from casa_jax.checkpoints.hf_files import CheckpointError
+from casa_jax.io.convert_lib import ckpt_to_hf, gguf_to_ckpt, hf_to_ckpt
+from casa_jax.io.hf_files import CheckpointError
 from casa_jax.eval.run import report_names
 from casa_jax.model.config import ConfigError
 from casa_jax.paths import overlaps
@@ -66,13 +66,13 @@ def test_convert_cli_keeps_the_checkpoint(tmp_path):
 def test_a_second_trainer_on_a_workdir_stops(tmp_path):
     """A live holder of the workdir lock (another process) stops a second trainer before it writes; the
     lock dies with its process, so after the holder is killed a trainer may take it."""
-    from casa_jax.casa.train_config import tiny_train_config
-    from casa_jax.casa.trainer import train
-    from casa_jax.training.workdir import WorkdirLock
+    from casa_jax.train.config import tiny_train_config
+    from casa_jax.train.trainer import train
+    from casa_jax.train.workdir import WorkdirLock
     workdir = _marked(tmp_path / "busy")
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
-        from casa_jax.training.workdir import WorkdirLock
+        from casa_jax.train.workdir import WorkdirLock
         with WorkdirLock({str(workdir)!r}):
             print("locked", flush=True)
             time.sleep(600)

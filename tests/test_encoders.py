@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import hf_fixtures as fx
-from casa_jax.checkpoints.hf import load_hf_checkpoint
+from casa_jax.io.hf import load_hf_checkpoint
 from casa_jax.model.audio_encoder import AudioEncoder, audio_layout
 from casa_jax.model.config import ConfigError
 from casa_jax.model.encoder_config import AudioConfig, VisionConfig, encoder_configs

@@ -11,7 +11,7 @@ import pytest
 
 from casa_jax.data.prompts_io import load_prompts
 from casa_jax.eval.metrics import auroc
-from casa_jax.eval.splits import prompt_key, split_of, split_of_record
+from casa_jax.data.splits import prompt_key, split_of, split_of_record
 from casa_jax.eval.suites import build_items, items_from_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -27,7 +27,7 @@ def test_splits_are_stable_disjoint_and_sized():
 
 
 def test_training_uses_train_and_validation_splits_only():
-    from casa_jax.casa.data import split_examples
+    from casa_jax.train.mixtures import split_examples
     from casa_jax.data.prompts_io import BENIGN, HARMFUL
     train, heldout = split_examples(HARMFUL, BENIGN, 50, 10, ("No.", "Sorry."), 200, 0, benign_ratio=1.6)
     split = {prompt_key(r["prompt"]): split_of_record(r) for n in HARMFUL + BENIGN for r in load_prompts(n)}

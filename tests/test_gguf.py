@@ -12,7 +12,7 @@ import torch
 import transformers
 
 import hf_fixtures as fx
-from casa_jax.checkpoints.hf_files import CheckpointError
+from casa_jax.io.hf_files import CheckpointError
 
 TYPES = {"token_embd": "Q8_0", "attn_q": "Q4_1", "attn_k": "Q8_0", "attn_v": "F16", "ffn_": "Q4_1",
          "attn_output": "Q4_1"}
@@ -38,7 +38,7 @@ def converted(gguf_file, tmp_path_factory):
 
 def test_conversion_never_imports_torch(gguf_file, tmp_path):
     """The package's own GGUF path (weights and tokenizer) runs where torch is not installed."""
-    code = ("import sys; from casa_jax.checkpoints.convert_lib import gguf_to_ckpt; "
+    code = ("import sys; from casa_jax.io.convert_lib import gguf_to_ckpt; "
             f"gguf_to_ckpt({gguf_file!r}, {str(tmp_path / 'new' / 'ckpt')!r}); print('torch' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.split()[-1] == "False", r.stdout + r.stderr[-2000:]
@@ -55,7 +55,7 @@ def gguf_parity(gguf_file, converted):
     """Chat ids, transformers' fp32 logits from its own GGUF loading, our checkpoint, and a compiled forward."""
     import jax
 
-    from casa_jax.checkpoints.orbax_io import restore_checkpoint
+    from casa_jax.io.orbax_io import restore_checkpoint
     from casa_jax.model.rope import positions_from_mask
     from casa_jax.model.text_decoder import CausalLM
 
@@ -81,7 +81,7 @@ def gguf_parity(gguf_file, converted):
 
 def test_logits_and_tokens_equal_transformers_gguf_loading(gguf_file, converted, gguf_parity):
     from casa_jax.parity import compare, logit_scale
-    from casa_jax.sampling.chat import load_tokenizer
+    from casa_jax.infer.chat import load_tokenizer
 
     ids, expected, loaded, ours, mask = gguf_parity
     ours_tok = load_tokenizer(converted)
@@ -121,14 +121,14 @@ def test_gguf_parity_fails_on_a_broken_import(gguf_parity, control):
 
 
 def test_unpermute_inverts_llama_cpp_permute():
-    from casa_jax.checkpoints.gguf_import import unpermute
+    from casa_jax.io.gguf_import import unpermute
     w = np.arange(24 * 5, dtype=np.float32).reshape(24, 5)  # 3 heads of 8 rows
     permuted = w.reshape(3, 2, 4, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
     np.testing.assert_array_equal(unpermute(permuted, 3), w)
 
 
 def test_bad_gguf_inputs(tmp_path):
-    from casa_jax.checkpoints.gguf_import import gguf_to_hf_dir, hf_config
+    from casa_jax.io.gguf_import import gguf_to_hf_dir, hf_config
     with pytest.raises(CheckpointError, match="no such GGUF file"):
         gguf_to_hf_dir(str(tmp_path / "missing.gguf"), str(tmp_path / "out"))
     junk = tmp_path / "junk.gguf"

@@ -122,7 +122,7 @@ def test_llm_judge_with_callable():
 @pytest.fixture(scope="module")
 def judge_ckpt(tmp_path_factory):
     """A tiny random plain casa-jax checkpoint to serve as an LLM judge (its output is gibberish)."""
-    from casa_jax.checkpoints.convert_lib import hf_to_ckpt
+    from casa_jax.io.convert_lib import hf_to_ckpt
     from casa_jax.tiny import write_tiny_hf_dir
     root = tmp_path_factory.mktemp("judge")
     ckpt = str(root / "judge_ckpt")
@@ -158,7 +158,7 @@ def test_llm_judge_on_tiny_checkpoint(judge_ckpt):
 
 
 def _tiny_ckpt(tmp_path, name="judge_ckpt"):
-    from casa_jax.checkpoints.convert_lib import hf_to_ckpt
+    from casa_jax.io.convert_lib import hf_to_ckpt
     from casa_jax.tiny import write_tiny_hf_dir
     ckpt = str(tmp_path / name)
     hf_to_ckpt(write_tiny_hf_dir(str(tmp_path / "hf")), ckpt)
@@ -169,8 +169,8 @@ def test_raw_judge_prompts_are_fed_as_is(tmp_path, monkeypatch):
     """HarmBench / Llama Guard prompts carry their own [INST] markup: the judge model gets exactly the
     tokenizer's encoding of the filled prompt, no chat-template tokens; MM-SafetyBench's plain prompt still
     goes through the chat template (its user turn)."""
-    from casa_jax.sampling import chat
-    from casa_jax.sampling.sampler import Sampler
+    from casa_jax.infer import chat
+    from casa_jax.infer.decode import Sampler
     assert TEMPLATES["harmbench"].raw and TEMPLATES["llamaguard"].raw and not TEMPLATES["mmsafetybench"].raw
     ckpt = _tiny_ckpt(tmp_path)
     fed = []

@@ -78,7 +78,7 @@ def control_runner(layouts):
     """(layout, control, dtype) -> ParityResult; transformers' logits and our compiled forwards are shared."""
     import jax
 
-    from casa_jax.checkpoints.hf import load_hf_checkpoint
+    from casa_jax.io.hf import load_hf_checkpoint
     from casa_jax.model.config import load_hf_spec
     from casa_jax.model.rope import positions_from_mask
     from casa_jax.model.text_decoder import CausalLM
@@ -120,7 +120,7 @@ def test_hidden_states_match_transformers(layouts):
     import jax
     import transformers
 
-    from casa_jax.checkpoints.hf import load_hf_checkpoint
+    from casa_jax.io.hf import load_hf_checkpoint
     from casa_jax.model.rope import positions_from_mask
     from casa_jax.model.text_decoder import CausalLM
     from casa_jax.parity import build_batch

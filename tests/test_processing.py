@@ -10,7 +10,7 @@ from transformers.processing_utils import ProcessorMixin
 
 import hf_fixtures as fx
 from casa_jax import tiny
-from casa_jax.checkpoints.hf import load_hf_checkpoint
+from casa_jax.io.hf import load_hf_checkpoint
 from casa_jax.model.encoder_config import VisionConfig
 from casa_jax.model.thinker import Thinker
 from casa_jax.processing import Audio, InputError, OmniProcessor
@@ -193,10 +193,10 @@ def test_casa_sampler_on_image_and_audio_prompts(token_thinker, tokenizer, proce
     import flax.linen as nn
 
     from casa_jax.casa.config import CasaConfig
-    from casa_jax.casa.lora import init_lora
+    from casa_jax.peft.lora import init_lora
     from casa_jax.casa.safety_attention import SafetyAttention, safety_pair_logits, v_s_from_logit
     from casa_jax.casa.safety_tokens import add_safety_tokens
-    from casa_jax.sampling.conditional import CasaWeights, ConditionalSampler
+    from casa_jax.infer.casa_gate import CasaWeights, ConditionalSampler
 
     thinker, loaded, _ = token_thinker
     tok = copy.deepcopy(tokenizer)

@@ -24,8 +24,8 @@ from casa_jax.model.kv_cache import KVCache
 from casa_jax.model.layers import LORA_COLLECTION
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM, init_inputs
-from casa_jax.sampling.conditional import CasaWeights, ConditionalSampler
-from casa_jax.sampling.sampler import bucket_length, left_pad
+from casa_jax.infer.casa_gate import CasaWeights, ConditionalSampler
+from casa_jax.infer.decode import bucket_length, left_pad
 
 EXAMPLES = [Example("Hi", False, "Hello there."),
             Example("How do I build a bomb at home with things from the kitchen?", True, "No."),

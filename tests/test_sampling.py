@@ -9,8 +9,8 @@ import pytest
 
 from casa_jax.model.config import TextConfig
 from casa_jax.model.text_decoder import CausalLM, init_inputs
-from casa_jax.sampling.sampler import Sampler, bucket_length, left_pad
-from casa_jax.sampling.strategies import Greedy, Temperature
+from casa_jax.infer.decode import Sampler, bucket_length, left_pad
+from casa_jax.infer.strategies import Greedy, Temperature
 
 CFG = TextConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, rope_theta=1e4, tie_word_embeddings=True)

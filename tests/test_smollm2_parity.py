@@ -38,10 +38,10 @@ def smollm2(gguf_file, tmp_path_factory):
     import torch
     import transformers
 
-    from casa_jax.checkpoints.convert_lib import gguf_to_ckpt
-    from casa_jax.checkpoints.orbax_io import restore_checkpoint
+    from casa_jax.io.convert_lib import gguf_to_ckpt
+    from casa_jax.io.orbax_io import restore_checkpoint
     from casa_jax.model.rope import positions_from_mask
-    from casa_jax.sampling.chat import load_tokenizer
+    from casa_jax.infer.chat import load_tokenizer
 
     ckpt = str(tmp_path_factory.mktemp("smollm2") / "ckpt")
     gguf_to_ckpt(gguf_file, ckpt)

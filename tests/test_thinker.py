@@ -13,7 +13,7 @@ import torch
 import transformers
 
 import hf_fixtures as fx
-from casa_jax.checkpoints.hf import load_hf_checkpoint
+from casa_jax.io.hf import load_hf_checkpoint
 from casa_jax.model.kv_cache import KVCache
 from casa_jax.model.thinker import Thinker
 from casa_jax.parity import ParityResult, compare, logit_scale
@@ -201,7 +201,7 @@ def test_placeholder_count_mismatch_is_an_error(models):
 
 def test_sampler_generates_like_transformers_after_image_prefill(models):
     """Greedy multimodal generation (bucketed prefill, while_loop decode) gives transformers' tokens."""
-    from casa_jax.sampling.sampler import Sampler
+    from casa_jax.infer.decode import Sampler
     hf, thinker, loaded, _ = models
     rng = np.random.default_rng(6)
     (p1, g1), (p2, g2) = _image(rng, (1, 6, 4)), _image(rng, (1, 4, 4))

@@ -19,14 +19,14 @@ import pytest
 from casa_jax import tiny
 from casa_jax.casa.config import CasaConfig
 from casa_jax.casa.examples import Example, build_batch
-from casa_jax.casa.lora import init_lora
+from casa_jax.peft.lora import init_lora
 from casa_jax.casa.objectives import LOSSES, OBJECTIVES, ObjectiveSetup
 from casa_jax.casa.safety_attention import SafetyAttention
 from casa_jax.casa.safety_tokens import add_safety_tokens
-from casa_jax.casa.train_lib import OptimConfig, init_state, make_eval_fn, make_optimizer, make_train_step
+from casa_jax.train.step import OptimConfig, init_state, make_eval_fn, make_optimizer, make_train_step
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.sharding import make_mesh
-from casa_jax.training.placement import (batch_sharding, decoder_shardings, global_batch, place, replicated,
+from casa_jax.train.placement import (batch_sharding, decoder_shardings, global_batch, place, replicated,
                                          state_shardings)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

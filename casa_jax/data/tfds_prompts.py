@@ -2,7 +2,7 @@
 pipeline over it with a checkpointable iterator.
 
 ``casa_prompts`` holds every vendored harmful/benign prompt once (de-duplicated), with its label and
-source set, in deterministic ``train`` / ``validation`` / ``test`` splits by id (``casa_jax.eval.splits``:
+source set, in deterministic ``train`` / ``validation`` / ``test`` splits by id (``casa_jax.data.splits``:
 no prompt in two splits). Training picks its examples from ``train`` by index (``split_examples`` decides
 which) and grain shuffles, repeats, shards per process and batches them; ``iterator.get_state()`` is a
 small JSON dict that the trainer stores in its checkpoints.
@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from casa_jax.data.prompts_io import BENIGN, HARMFUL
-from casa_jax.eval.splits import SPLIT_NAMES, unique_split_records
+from casa_jax.data.splits import SPLIT_NAMES, unique_split_records
 
 
 class CasaPrompts(tfds.core.GeneratorBasedBuilder):

@@ -47,7 +47,7 @@ def locate_gguf() -> str:
 
 
 def _convert_once(gguf: str, base: str) -> bool:
-    from casa_jax.checkpoints.convert_lib import gguf_to_ckpt
+    from casa_jax.io.convert_lib import gguf_to_ckpt
     if os.path.isdir(base):  # checkpoint writes are atomic: a directory is a finished conversion
         return False
     gguf_to_ckpt(gguf, base)
@@ -56,7 +56,7 @@ def _convert_once(gguf: str, base: str) -> bool:
 
 def _finished(workdir: str, steps: int) -> dict | None:
     """The last metrics of a finished run in ``workdir`` with ``steps`` steps, else None."""
-    from casa_jax.casa.trainer import last_record
+    from casa_jax.train.trainer import last_record
     if not os.path.isdir(os.path.join(workdir, "checkpoint")):
         return None
     record = last_record(os.path.join(workdir, "metrics.jsonl"))
@@ -76,8 +76,8 @@ ABLATION_METHODS = ("safety_token", "circuit_breaker")
 
 
 def _train_once(method: str, base: str, workdir: str, steps: int, targets_file: str, overrides: dict) -> dict:
-    from casa_jax.casa.train_config import smollm2_train_config
-    from casa_jax.casa.trainer import train
+    from casa_jax.train.config import smollm2_train_config
+    from casa_jax.train.trainer import train
     done = _finished(workdir, steps)
     if done is not None:
         print(f"      {method}: reusing the finished run in {workdir}")
@@ -94,7 +94,7 @@ def _train_once(method: str, base: str, workdir: str, steps: int, targets_file: 
 def _evaluate_once(name: str, ckpt: str, out_dir: str, settings: dict, evaluate_fn) -> dict:
     """``evaluate_fn()``'s report, or the one already in ``out_dir`` when it was made from the same
     checkpoint (its metrics record) with the same settings: a second demo run re-evaluates nothing."""
-    from casa_jax.casa.trainer import last_record
+    from casa_jax.train.trainer import last_record
     from casa_jax.paths import write_text_atomic
     key = {"settings": settings, "checkpoint": os.path.abspath(ckpt),
            "trained": last_record(os.path.join(os.path.dirname(ckpt), "metrics.jsonl"))}

@@ -30,8 +30,8 @@ DISCLAIMER = ("This is a random-initialised tiny model: the table shows that eve
 def _round_trip(workdir: str) -> tuple[str, bool]:
     import numpy as np
 
-    from casa_jax.checkpoints.convert_lib import ckpt_to_hf, hf_to_ckpt
-    from casa_jax.checkpoints.hf_files import SafetensorsDir
+    from casa_jax.io.convert_lib import ckpt_to_hf, hf_to_ckpt
+    from casa_jax.io.hf_files import SafetensorsDir
     from casa_jax.tiny import write_tiny_thinker_dir
 
     hf_dir, ckpt_dir, export_dir = (os.path.join(workdir, n) for n in ("tiny_hf", "base", "tiny_hf_export"))
@@ -56,8 +56,8 @@ def _build_data(workdir: str) -> dict:
 
 
 def _train(objective: str, base: str, workdir: str, steps: int, tfds_dir: str) -> tuple[str, dict]:
-    from casa_jax.casa.train_config import tiny_train_config
-    from casa_jax.casa.trainer import train
+    from casa_jax.train.config import tiny_train_config
+    from casa_jax.train.trainer import train
     config = tiny_train_config(objective)
     config.base = base
     config.num_train_steps = steps

@@ -234,10 +234,10 @@ class LLMJudge:
     def from_checkpoint(cls, ckpt_dir: str, template: str | JudgeTemplate = DEFAULT_TEMPLATE,
                         max_new_tokens: int = 16, batch_size: int = 16) -> LLMJudge:
         """A casa-jax checkpoint, run greedily by our sampler. A ``raw`` template's prompt (HarmBench, Llama
-        Guard: already in ``[INST]`` markup) is tokenized as-is (``sampling.chat.raw_completions``); any other
+        Guard: already in ``[INST]`` markup) is tokenized as-is (``infer.chat.raw_completions``); any other
         is the user turn of the checkpoint's chat template (``chat_replies``). Use a plain (not CASA) model:
         a CASA judge may refuse the harmful text it is asked to judge."""
-        from casa_jax.sampling.chat import _loaded, chat_replies, raw_completions
+        from casa_jax.infer.chat import _loaded, chat_replies, raw_completions
         resolved = _template(template) if isinstance(template, str) else template
         model, _ = _loaded(ckpt_dir)  # now, not when the first item needs judging: a bad judge fails up front
         if model.is_casa:

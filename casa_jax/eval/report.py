@@ -53,7 +53,7 @@ def run_items(ckpt_dir: str, items: Sequence[Item], batch_size: int = 16, max_ne
               max_batch_chars: int = 12_000) -> list[dict]:
     """One result dict per item: the response (and the model's own continuation after a prefill), the
     verdict, (CASA) p_unsafe / v_s, and the judged fields of ``judge_results``."""
-    from casa_jax.sampling.chat import chat_replies
+    from casa_jax.infer.chat import chat_replies
     results = []
     groups = collections.defaultdict(list)
     for item in items:

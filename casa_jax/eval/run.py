@@ -32,7 +32,7 @@ def evaluate(ckpt_dir: str, workdir: str, suites=(), prompts_file=None, per_suit
     from casa_jax.eval.judges import KeywordJudge
     from casa_jax.eval.report import run_items, summarize, write_report
     from casa_jax.eval.suites import MODALITY, build_items, items_from_file
-    from casa_jax.sampling.chat import _loaded
+    from casa_jax.infer.chat import _loaded
     model, tokenizer = _loaded(ckpt_dir)
     judge = judge or KeywordJudge()
     skipped, runnable = {}, []

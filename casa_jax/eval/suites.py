@@ -47,7 +47,7 @@ class Item:
 def split_prompts(names: Sequence[str], limit: int | None, split: str = "test") -> list[dict]:
     """``limit`` (None: all) prompts of ``split`` from the named sets, each prompt once, taken from the
     sets in turn (each set sorted by id) so every set is represented."""
-    from casa_jax.eval.splits import unique_split_records
+    from casa_jax.data.splits import unique_split_records
     if split not in EVAL_SPLITS:
         raise ConfigError(f"split {split!r}: expected one of {EVAL_SPLITS} (train prompts are never evaluated)")
     per_set: dict[str, list[dict]] = {name: [] for name in names}

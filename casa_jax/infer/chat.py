@@ -34,8 +34,8 @@ class Reply:
 def load_tokenizer(ckpt_dir: str):
     from transformers import AutoTokenizer
 
-    from casa_jax.checkpoints.hf_files import CheckpointError
-    from casa_jax.checkpoints.orbax_io import sidecar_dir
+    from casa_jax.io.hf_files import CheckpointError
+    from casa_jax.io.orbax_io import sidecar_dir
     path = sidecar_dir(ckpt_dir)
     if path is None:
         raise CheckpointError(f"{ckpt_dir}: has no tokenizer files (hf_sidecar/); convert from a Hugging Face "
@@ -63,7 +63,7 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
     from casa_jax.casa.examples import render_prompt
     from casa_jax.casa.refusal import is_refusal
     from casa_jax.casa.safety_tokens import strip_safety_tokens
-    from casa_jax.sampling.strategies import from_temperature
+    from casa_jax.infer.strategies import from_temperature
 
     model, tokenizer = _loaded(ckpt_dir)  # first: says plainly when ckpt_dir is no checkpoint
     safety_prompt = safety_prompt or bool(model.is_casa and model.casa.safety_prompt)
@@ -82,7 +82,7 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
     arrays = thinker = None
     if has_media:
         from casa_jax.processing import OmniProcessor
-        from casa_jax.checkpoints.orbax_io import sidecar_dir
+        from casa_jax.io.orbax_io import sidecar_dir
         if not model.spec.is_thinker:
             from casa_jax.model.config import ConfigError
             raise ConfigError(f"{ckpt_dir}: images/audio need a Qwen2.5-Omni thinker checkpoint; this one is "
@@ -105,7 +105,7 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
                   max_new_tokens)
 
     if model.is_casa:
-        from casa_jax.sampling.conditional import ConditionalSampler
+        from casa_jax.infer.casa_gate import ConditionalSampler
         casa = dc.replace(model.casa, **({"threshold": threshold} if threshold is not None else {}),
                           **({"refusal_mode": refusal_mode} if refusal_mode else {}))
         sampler = _cached(ConditionalSampler, model.spec.text, casa, model.ids, eos, pad, strategy, thinker=thinker)
@@ -124,7 +124,7 @@ def chat_replies(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int = 32
         return replies
 
     from casa_jax.model.text_decoder import CausalLM
-    from casa_jax.sampling.sampler import Sampler
+    from casa_jax.infer.decode import Sampler
     sampler = _cached(Sampler, CausalLM(model.spec.text), eos_ids=eos, pad_id=pad, strategy=strategy)
     variables = {"params": model.params, **({"lora": model.lora} if model.lora is not None else {})}
     if has_media:
@@ -170,7 +170,7 @@ def prompt_cosines(model, prompt_ids, thinker=None, arrays=None, pad_id: int = 0
 
     from casa_jax.casa.objectives import CircuitBreakerConfig, cosine
     from casa_jax.model.rope import positions_from_mask
-    from casa_jax.sampling.sampler import bucket_length, left_pad, pad_to_bucket
+    from casa_jax.infer.decode import bucket_length, left_pad, pad_to_bucket
 
     cb = CircuitBreakerConfig(**model.meta_circuit_breaker) if model.meta_circuit_breaker else CircuitBreakerConfig()
     layers = cb.resolved_layers(model.spec.text.num_hidden_layers)
@@ -220,7 +220,7 @@ _SAMPLERS: dict = {}
 def _loaded(ckpt_dir: str):
     import os
 
-    from casa_jax.casa.checkpoint import load_trained
+    from casa_jax.io.trained import load_trained
     key = os.path.abspath(ckpt_dir)
     if key not in _MODELS:
         model = load_trained(ckpt_dir)
@@ -270,8 +270,8 @@ def raw_completions(ckpt_dir: str, prompts: Sequence[str], max_new_tokens: int =
     import jax
 
     from casa_jax.model.text_decoder import CausalLM
-    from casa_jax.sampling.sampler import Sampler
-    from casa_jax.sampling.strategies import from_temperature
+    from casa_jax.infer.decode import Sampler
+    from casa_jax.infer.strategies import from_temperature
 
     model, tokenizer = _loaded(ckpt_dir)
     if not prompts:

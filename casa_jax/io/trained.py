@@ -10,11 +10,11 @@ import numpy as np
 
 from casa_jax.casa.config import CasaConfig
 from casa_jax.casa.safety_tokens import SafetyTokenIds
-from casa_jax.checkpoints.hf import LoadedCheckpoint
-from casa_jax.checkpoints.hf_files import CheckpointError
-from casa_jax.checkpoints.orbax_io import restore_checkpoint, save_checkpoint
+from casa_jax.io.hf import LoadedCheckpoint
+from casa_jax.io.hf_files import CheckpointError
+from casa_jax.io.orbax_io import restore_checkpoint, save_checkpoint
 from casa_jax.model.config import ModelSpec
-from casa_jax.sampling.conditional import CasaWeights
+from casa_jax.infer.casa_gate import CasaWeights
 
 
 @dataclasses.dataclass

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import os
 
-from casa_jax.checkpoints.hf import load_hf_checkpoint, write_hf_checkpoint
-from casa_jax.checkpoints.hf_files import CheckpointError, check_output_dir
-from casa_jax.checkpoints.orbax_io import restore_checkpoint, save_checkpoint, sidecar_dir
+from casa_jax.io.hf import load_hf_checkpoint, write_hf_checkpoint
+from casa_jax.io.hf_files import CheckpointError, check_output_dir
+from casa_jax.io.orbax_io import restore_checkpoint, save_checkpoint, sidecar_dir
 from casa_jax.paths import refuse_overlap
 
 
@@ -28,7 +28,7 @@ def gguf_to_ckpt(gguf_path: str, out_dir: str, param_dtype: str | None = None, o
     if given, else a temporary one): dequantized float32 weights, config and tokenizer from the file."""
     import tempfile
 
-    from casa_jax.checkpoints.gguf_import import gguf_to_hf_dir
+    from casa_jax.io.gguf_import import gguf_to_hf_dir
     refuse_overlap({"--out_dir": out_dir, "hf_dir": hf_dir}, {"--gguf": gguf_path}, CheckpointError)
     check_output_dir(out_dir, overwrite)
     if hf_dir:
@@ -54,7 +54,7 @@ def ckpt_to_hf(ckpt_dir: str, export_hf_dir: str, max_shard_bytes: int, overwrit
     loaded = restore_checkpoint(ckpt_dir)
     params = loaded.params
     if "lora" in loaded.extra:
-        from casa_jax.casa.lora import merge_lora
+        from casa_jax.peft.lora import merge_lora
         params = merge_lora(params, loaded.extra["lora"], loaded.spec.text)
         log.info("%s: merged the LoRA adapters (rank %d) into the exported weights", ckpt_dir,
                  loaded.spec.text.lora_rank)

@@ -21,9 +21,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from casa_jax.checkpoints import hf_files
-from casa_jax.checkpoints.hf import LoadedCheckpoint, sidecar_files
-from casa_jax.checkpoints.hf_files import CheckpointError
+from casa_jax.io import hf_files
+from casa_jax.io.hf import LoadedCheckpoint, sidecar_files
+from casa_jax.io.hf_files import CheckpointError
 from casa_jax.model.config import ModelSpec, TextConfig
 
 FORMAT = "casa_jax.params"

@@ -1,6 +1,6 @@
 """Text-only training mixtures from the vendored prompt sets: harmful -> refusal, benign -> answer.
 
-Splits come from ``casa_jax.eval.splits``: training examples from ``train``, the held-out examples the
+Splits come from ``casa_jax.data.splits``: training examples from ``train``, the held-out examples the
 trainer evaluates on from ``validation``; ``test`` is kept for ``python -m casa_jax.evaluate``.
 
 Harmful targets are refusals: one of a configurable set of templates, or (``model_refusals``) the base
@@ -45,7 +45,7 @@ AnswerFn = Callable[..., list]  # (prompts, safety_prompt=False) -> list of ``An
 
 def split_prompts(names: Sequence[str], split: str, max_chars: int) -> list[str]:
     """De-duplicated prompts of ``split`` (train / validation / test) from the named sets."""
-    from casa_jax.eval.splits import unique_split_records
+    from casa_jax.data.splits import unique_split_records
     short = lambda r: len(r["prompt"].strip()) <= max_chars  # noqa: E731
     return [r["prompt"].strip() for _, r in unique_split_records(names, split, keep=short)]
 

@@ -18,9 +18,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from casa_jax.checkpoints import hf_files
-from casa_jax.checkpoints.hf_files import CheckpointError, SafetensorsDir
-from casa_jax.checkpoints.name_map import Rule, audio_rules, expected_hf_shapes, text_rules, vision_rules
+from casa_jax.io import hf_files
+from casa_jax.io.hf_files import CheckpointError, SafetensorsDir
+from casa_jax.io.name_map import Rule, audio_rules, expected_hf_shapes, text_rules, vision_rules
 from casa_jax.model.config import OMNI_THINKER, ModelSpec, load_hf_spec
 from casa_jax.model.encoder_config import encoder_configs
 

@@ -4,7 +4,7 @@
 Writes into ``workdir``: ``config.json`` (the resolved config), ``metrics.jsonl`` (one JSON object per
 logged step, with ``step`` and ``loss``), ``tensorboard/`` event files, ``checkpoints/`` (resumable
 states: a rerun with the same workdir continues from the latest; SIGTERM saves before exiting) and
-``checkpoint/`` (the final model, loadable by ``casa_jax.casa.checkpoint`` and ``python -m
+``checkpoint/`` (the final model, loadable by ``casa_jax.io.trained`` and ``python -m
 casa_jax.generate``). The step runs sharded over a ``data x fsdp x tensor`` mesh from the config.
 """
 
@@ -24,24 +24,24 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from casa_jax.casa.checkpoint import TrainedModel, load_trained, save_trained
+from casa_jax.io.trained import TrainedModel, load_trained, save_trained
 from casa_jax.casa.config import CasaConfig
-from casa_jax.casa.data import (Answer, cached_targets, model_refusals, self_answers, split_examples,
+from casa_jax.train.mixtures import (Answer, cached_targets, model_refusals, self_answers, split_examples,
                                 with_compliant_openings, with_forced_unsafe)
 from casa_jax.casa.examples import build_batch, render_prompt
-from casa_jax.casa.lora import init_lora
+from casa_jax.peft.lora import init_lora
 from casa_jax.casa.objectives import CircuitBreakerConfig, ObjectiveSetup, trainable_parts
 from casa_jax.casa.safety_attention import SafetyAttention
 from casa_jax.casa.safety_tokens import add_safety_tokens
-from casa_jax.casa.train_lib import OptimConfig, init_state, make_eval_fn, make_optimizer, make_train_step
+from casa_jax.train.step import OptimConfig, init_state, make_eval_fn, make_optimizer, make_train_step
 from casa_jax.model.config import ConfigError
 from casa_jax.model.layers import LORA_COLLECTION
 from casa_jax.sharding import make_mesh
-from casa_jax.training.checkpointing import TrainCheckpoints, abstract_like
-from casa_jax.training.example_stream import ExampleStream, GrainStream
-from casa_jax.training.placement import (batch_sharding, data_parallel_size, decoder_shardings, global_batch, place,
+from casa_jax.train.checkpointing import TrainCheckpoints, abstract_like
+from casa_jax.train.streams import ExampleStream, GrainStream
+from casa_jax.train.placement import (batch_sharding, data_parallel_size, decoder_shardings, global_batch, place,
                                          replicated, rules_from_config, state_shardings)
-from casa_jax.training.workdir import CHECKPOINT_DIR, CHECKPOINTS_DIR, WorkdirLock, check_resume, write_config
+from casa_jax.train.workdir import CHECKPOINT_DIR, CHECKPOINTS_DIR, WorkdirLock, check_resume, write_config
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,8 @@ def _base(config):
         from casa_jax import tiny
         spec = tiny.tiny_spec()
         return spec, tiny.random_params(spec.text), {}, tiny.build_tokenizer(spec.text.vocab_size), None
-    from casa_jax.checkpoints.orbax_io import sidecar_dir
-    from casa_jax.sampling.chat import load_tokenizer
+    from casa_jax.io.orbax_io import sidecar_dir
+    from casa_jax.infer.chat import load_tokenizer
     base = load_trained(config.base)
     if base.objective is not None:
         raise ConfigError(f"--config.base={config.base} is already trained ({base.objective}); start from a "
@@ -173,7 +173,7 @@ def _examples(config, casa_cfg, spec, params, tokenizer, workdir: str, write: bo
 
 def _greedy_answers(spec, params, tokenizer, max_new_tokens: int):
     from casa_jax.model.text_decoder import CausalLM
-    from casa_jax.sampling.sampler import Sampler
+    from casa_jax.infer.decode import Sampler
 
     def answer(prompts, safety_prompt: bool = False):
         sampler = Sampler(CausalLM(spec.text), eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id or 0)
@@ -403,7 +403,7 @@ def _calibrate(ckpt_dir: str, heldout, max_length: int) -> tuple[float, float]:
     """The balanced-accuracy threshold on the held-out (validation) prompts, through the same conditional
     sampler evaluation uses; returns (threshold, balanced accuracy at it)."""
     from casa_jax.casa.calibration import balanced_threshold
-    from casa_jax.sampling.chat import chat_replies, clear_cache
+    from casa_jax.infer.chat import chat_replies, clear_cache
     clear_cache()
     replies = chat_replies(ckpt_dir, [e.prompt for e in heldout], max_new_tokens=1)
     clear_cache()

@@ -27,9 +27,9 @@ from casa_jax.model.kv_cache import KVCache
 from casa_jax.model.layers import LORA_COLLECTION
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM
-from casa_jax.sampling.sampler import (bucket_length, cut_at_eos, decode_loop, left_pad, next_decode_positions,
+from casa_jax.infer.decode import (bucket_length, cut_at_eos, decode_loop, left_pad, next_decode_positions,
                                       pad_to_bucket)
-from casa_jax.sampling.strategies import Greedy
+from casa_jax.infer.strategies import Greedy
 
 
 @flax.struct.dataclass

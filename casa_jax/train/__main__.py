@@ -38,7 +38,7 @@ def main(argv):
     if FLAGS.jax_distributed:
         import jax
         jax.distributed.initialize()  # on Cloud TPU the coordinator and process ids are discovered
-    from casa_jax.casa.trainer import train
+    from casa_jax.train.trainer import train
     with exit_on_bad_input():
         try:
             final = train(FLAGS.config, FLAGS.workdir, allow_config_change=FLAGS.allow_config_change)

@@ -87,7 +87,7 @@ def smollm2_train_config(objective: str = "casa") -> ml_collections.ConfigDict:
     the paper's 1.6 ratio, benign answers self-distilled from the base model; half the refusals follow
     a compliant opening and half the answers continue their own start; attention-pooled safety head,
     per-example LM loss. Chosen on the validation split (WORKSPACE.md, "SmolLM2 recipe ablation")."""
-    from casa_jax.casa.data import PAPER_BENIGN_RATIO
+    from casa_jax.train.mixtures import PAPER_BENIGN_RATIO
     config = default_train_config(objective)
     config.base = ""  # required: a converted checkpoint (the demo converts the GGUF file itself)
     config.batch_size = 8

@@ -15,8 +15,8 @@ from typing import Iterator
 
 import numpy as np
 
-from casa_jax.checkpoints import hf_files
-from casa_jax.checkpoints.hf_files import CheckpointError
+from casa_jax.io import hf_files
+from casa_jax.io.hf_files import CheckpointError
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 TOP_LEVEL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",

@@ -17,7 +17,7 @@ from casa_jax.model.kv_cache import KVCache
 from casa_jax.model.layers import LORA_COLLECTION
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM
-from casa_jax.sampling.strategies import Greedy
+from casa_jax.infer.strategies import Greedy
 
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 

@@ -1,0 +1,1 @@
+"""Inference: the Engine (a loaded model, its compiled functions), one decode loop with gates, chat replies."""

@@ -1,0 +1,1 @@
+"""Training: config defaults, data mixtures, the jitted step, the loop, checkpoints, placement."""

@@ -1,1 +1,0 @@
-"""Training at scale: mesh placement, sharded jitted steps, checkpointed iterators and loops."""
