@@ -24,8 +24,8 @@ from casa_jax.casa.safety_attention import SafetyAttention
 from casa_jax.casa.safety_tokens import SafetyTokenIds
 from casa_jax.model.config import TextConfig
 from casa_jax.model.text_decoder import CausalLM, init_inputs
-from casa_jax.infer.casa_gate import CasaWeights, ConditionalSampler
-from casa_jax.infer.decode import Sampler
+from casa_jax.infer.decode import Decoder, Weights
+from casa_jax.infer.gates import CasaGate
 
 
 def main():
@@ -50,9 +50,9 @@ def main():
     query = np.asarray(params["embed_tokens"]["embedding"][ids.unsafe])
     safety = nn.unbox(SafetyAttention(casa).init(jax.random.key(1), query, np.zeros((1, 2, args.hidden), np.float32),
                                                  np.ones((1, 2), bool))["params"])
-    weights = CasaWeights(params=params, lora=None, safety=safety, unsafe_query=query)
-    plain = Sampler(CausalLM(text), eos_ids=())
-    conditional = ConditionalSampler(text, casa, ids, eos_ids=())
+    weights = Weights(params=params, lora=None, safety=safety, unsafe_query=query)
+    plain = Decoder(text, eos_ids=())
+    conditional = Decoder(text, gate=CasaGate(casa, ids), eos_ids=())
     rng = np.random.default_rng(0)
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__} on {jax.devices()[0].platform}")
@@ -61,7 +61,7 @@ def main():
     ratios = []
     for batch in args.batches:
         prompts = rng.integers(0, args.vocab - 2, (batch, args.prompt)).tolist()
-        runs = {"plain": lambda: plain.generate(params, prompts, args.new_tokens),
+        runs = {"plain": lambda: plain.generate(Weights(params), prompts, args.new_tokens),
                 "casa": lambda: conditional.generate(weights, prompts, args.new_tokens)}
         for fn in runs.values():
             fn()  # compile and warm up

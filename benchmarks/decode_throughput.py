@@ -23,8 +23,7 @@ from casa_jax.io.convert_lib import hf_to_ckpt
 from casa_jax.io.gguf_import import gguf_to_hf_dir
 from casa_jax.io.orbax_io import restore_checkpoint
 from casa_jax.demos.smollm2 import locate_gguf
-from casa_jax.model.text_decoder import CausalLM
-from casa_jax.infer.decode import Sampler, left_pad
+from casa_jax.infer.decode import Decoder, Weights, left_pad
 
 PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.",
            "Explain photosynthesis in simple terms.", "Write a short poem about the sea.",
@@ -48,7 +47,7 @@ def main():
         ref = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
         loaded = restore_checkpoint(ckpt)
-    sampler = Sampler(CausalLM(loaded.spec.text), eos_ids=(), pad_id=tok.pad_token_id)
+    sampler = Decoder(loaded.spec.text, eos_ids=(), pad_id=tok.pad_token_id)
     rows = []
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
@@ -57,8 +56,8 @@ def main():
         t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
 
         def run_jax():
-            out = sampler.generate(loaded.params, prompts, args.new_tokens)
-            assert all(len(o) == args.new_tokens for o in out)
+            out = sampler.generate(Weights(loaded.params), prompts, args.new_tokens)
+            assert all(len(o.tokens) == args.new_tokens for o in out)
 
         def run_torch():
             with torch.no_grad():

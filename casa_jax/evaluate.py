@@ -59,6 +59,7 @@ def main(argv):
         except ValueError as e:
             from casa_jax.processing import InputError
             raise InputError(f"--judge: {e}") from e
+        from casa_jax.infer.engine import Engine
         from casa_jax.io.orbax_io import read_meta
         from casa_jax.eval.suites import SUITES
         from casa_jax.processing import InputError
@@ -75,7 +76,8 @@ def main(argv):
             if FLAGS.from_results:
                 reports[name] = rejudge(os.path.join(FLAGS.workdir, name), judge)
                 continue
-            reports[name] = evaluate(ckpt, os.path.join(FLAGS.workdir, name), FLAGS.suites, FLAGS.prompts,
+            engine = Engine.load(ckpt)  # one at a time: its weights are freed before the next loads
+            reports[name] = evaluate(engine, os.path.join(FLAGS.workdir, name), FLAGS.suites, FLAGS.prompts,
                                      FLAGS.per_suite, FLAGS.max_new_tokens, FLAGS.safety_prompt, FLAGS.seed,
                                      FLAGS.benchmark, judge, split=FLAGS.split)
     print_summary(reports, FLAGS.workdir)

@@ -121,9 +121,11 @@ def main(argv):
     import os
 
     from casa_jax.infer.chat import chat_replies
+    from casa_jax.infer.engine import Engine
     with exit_on_bad_input():
         _check_flags()
         records = _records()
+        engine = Engine.load(FLAGS.ckpt_dir)
         out_path = tmp_path = None
         if FLAGS.output_file:
             out_path = FLAGS.output_file
@@ -136,7 +138,7 @@ def main(argv):
                     images = [r.get("image") for r in chunk]
                     audios = [r.get("audio") for r in chunk]
                     replies = chat_replies(
-                        FLAGS.ckpt_dir, [r["prompt"] for r in chunk], FLAGS.max_new_tokens, FLAGS.temperature,
+                        engine, [r["prompt"] for r in chunk], FLAGS.max_new_tokens, FLAGS.temperature,
                         FLAGS.top_k, FLAGS.top_p, FLAGS.seed, FLAGS.threshold, FLAGS.refusal_mode,
                         images if any(x is not None for x in images) else None,
                         audios if any(x is not None for x in audios) else None,

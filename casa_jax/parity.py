@@ -50,7 +50,7 @@ class ParityResult:
         return self.max_abs_diff <= self.fp32_limit(atol) if dtype == "float32" else self.mean_kl <= max_kl
 
 
-def build_batch(hf_dir: str, vocab_size: int, lengths=(13, 9, 6), seed: int = 0,
+def parity_batch(hf_dir: str, vocab_size: int, lengths=(13, 9, 6), seed: int = 0,
                 prompts=DEFAULT_PROMPTS) -> tuple[np.ndarray, np.ndarray]:
     """(input_ids, attention_mask) [B, T], left-padded. Uses the directory's tokenizer when it has one,
     otherwise seeded random ids (below the special-token range)."""
@@ -123,7 +123,7 @@ def run_parity(hf_dir: str, dtype: str = "float32") -> ParityResult:
     """Text-only parity on a padded batch of three prompts."""
     from casa_jax.model.config import load_hf_spec
     spec = load_hf_spec(hf_dir)
-    ids, mask = build_batch(hf_dir, spec.text.vocab_size)
+    ids, mask = parity_batch(hf_dir, spec.text.vocab_size)
     hf, model_class = torch_logits(hf_dir, spec, ids, mask, dtype)
     ours = jax_logits(hf_dir, ids, mask, dtype)
     diff, kl, n = compare(hf, ours, mask)

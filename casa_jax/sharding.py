@@ -6,6 +6,7 @@ ZeRO-3 style) and ``tensor`` (Megatron-style model parallelism over heads and ML
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -86,5 +87,49 @@ def param_shardings(module: nn.Module, mesh: Mesh, *init_args, rules=DEFAULT_RUL
                         shardings, nn.unbox(abstract["params"]))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
+def decoder_shardings(text, mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, Any]:
+    """{"params": ..., "lora": ...} shardings of a decoder's collections (lora only when lora_rank > 0)."""
+    from casa_jax.model.layers import LORA_COLLECTION
+    from casa_jax.model.text_decoder import CausalLM, init_inputs
+    boxed = jax.eval_shape(lambda: CausalLM(text).init(jax.random.key(0), *init_inputs()))
+    specs = nn.get_partition_spec(boxed)
+    return {name: _fitted(specs[name], nn.unbox(boxed[name]), mesh, rules)
+            for name in ("params", LORA_COLLECTION) if name in boxed}
+
+
+def _fitted(logical, abstract, mesh: Mesh, rules) -> Any:
+    shardings = logical_to_sharding(logical, mesh, rules)
+    return jax.tree.map(lambda s, a: NamedSharding(mesh, fit_spec(s.spec, a.shape, mesh)), shardings, abstract)
+
+
+def replicated(tree, mesh: Mesh) -> Any:
+    """A replicated NamedSharding for every leaf of ``tree``."""
+    return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree)
+
+
+def place(tree, shardings) -> Any:
+    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
+
+
+def rules_from_config(pairs: Sequence[Sequence[Any]] | None) -> tuple:
+    """A config's ``logical_axis_rules`` (pairs of logical name, mesh axis / tuple / None) as a rules table."""
+    if not pairs:
+        return DEFAULT_RULES
+    out = []
+    for pair in pairs:
+        if len(pair) != 2:
+            raise ValueError(f"logical_axis_rules entry {pair!r} must be (logical_name, mesh_axes)")
+        name, axes = pair
+        out.append((str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+    return tuple(out)
+
+
+@contextlib.contextmanager
+def rules_context(mesh: Mesh | None, rules=DEFAULT_RULES):
+    """The mesh and logical-axis rules under which jitted functions are traced and run, so the model's
+    ``model.constraints.constrain`` calls (activations, KV cache) take effect; a no-op without a mesh."""
+    if mesh is None:
+        yield
+        return
+    with jax.set_mesh(mesh), nn.logical_axis_rules(list(rules)):
+        yield

@@ -17,7 +17,8 @@ from casa_jax.casa.safety_attention import SafetyAttention, v_s_from_logit
 from casa_jax.casa.safety_tokens import add_safety_tokens, strip_safety_tokens
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM, init_inputs
-from casa_jax.infer.casa_gate import CasaWeights, ConditionalSampler
+from casa_jax.infer.decode import Decoder, Weights
+from casa_jax.infer.gates import CasaGate
 from casa_jax.infer.decode import bucket_length, left_pad
 
 PROMPTS = ["Write a haiku about the sea.", "How do I learn a new language?",
@@ -38,10 +39,10 @@ def casa_model():
                         init_lora(text, jax.random.key(1)))
     safety = nn.unbox(SafetyAttention(cfg).init(jax.random.key(2), query, np.zeros((1, 2, text.hidden_size)),
                                                 np.ones((1, 2), bool))["params"])
-    weights = CasaWeights(params=params, lora=lora, safety=safety, unsafe_query=query)
+    weights = Weights(params=params, lora=lora, safety=safety, unsafe_query=query)
     eos = (tokenizer.convert_tokens_to_ids("<|im_end|>"),)
     return dict(spec=spec, text=text, tokenizer=tokenizer, cfg=cfg, ids=ids, weights=weights, eos=eos,
-                base_embed=base_embed, sampler=ConditionalSampler(text, cfg, ids, eos_ids=eos))
+                base_embed=base_embed, sampler=Decoder(text, gate=CasaGate(cfg, ids), eos_ids=eos))
 
 
 def _prompt_ids(m, prompts=PROMPTS):
@@ -189,7 +190,7 @@ def test_step0_allows_only_safety_tokens(casa_model):
     sampler, w = m["sampler"], m["weights"]
     ids, mask = left_pad(_prompt_ids(m), 64)
     out = CausalLM(m["text"]).apply(w.variables(), ids, positions_from_mask(mask), mask)
-    logits, v_s = sampler.safety_step(w, out, mask)
+    logits, v_s = sampler.gate.safety_step(w, out, mask)
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     others = np.delete(probs, [m["ids"].safe, m["ids"].unsafe], axis=1)
     assert others.max() == 0.0
@@ -252,7 +253,7 @@ def test_per_row_decisions_and_threshold(casa_model):
         assert b.unsafe == (b.p_unsafe > b.p_safe)
     p = sorted(o.p_unsafe for o in batch)
     tau = (p[1] + p[2]) / 2  # between rows: exactly two rows at or above it
-    strict = ConditionalSampler(m["text"], dataclasses.replace(m["cfg"], threshold=tau), m["ids"], eos_ids=m["eos"])
+    strict = Decoder(m["text"], gate=CasaGate(dataclasses.replace(m["cfg"], threshold=tau), m["ids"]), eos_ids=m["eos"])
     decided = strict.generate(m["weights"], prompts, max_new_tokens=3)
     assert [o.unsafe for o in decided] == [o.p_unsafe >= tau for o in batch]
     assert sum(o.unsafe for o in decided) == 2
@@ -260,7 +261,7 @@ def test_per_row_decisions_and_threshold(casa_model):
 
 def test_no_recompilation_inside_a_bucket(casa_model):
     m = casa_model
-    sampler = ConditionalSampler(m["text"], m["cfg"], m["ids"], eos_ids=m["eos"])
+    sampler = Decoder(m["text"], gate=CasaGate(m["cfg"], m["ids"]), eos_ids=m["eos"])
     base = render_prompt(m["tokenizer"], "Hi")
     bucket = bucket_length(len(base))
     for extra in (0, (bucket - len(base)) // 2, bucket - len(base)):  # every length inside one bucket
@@ -273,7 +274,7 @@ def test_no_recompilation_inside_a_bucket(casa_model):
 def test_template_refusal_mode_stops_unsafe_rows(casa_model):
     m = casa_model
     cfg = dataclasses.replace(m["cfg"], refusal_mode="template", threshold=0.01)  # everything unsafe
-    outs = ConditionalSampler(m["text"], cfg, m["ids"], eos_ids=m["eos"]).generate(m["weights"], _prompt_ids(m)[:2], 4)
+    outs = Decoder(m["text"], gate=CasaGate(cfg, m["ids"]), eos_ids=m["eos"]).generate(m["weights"], _prompt_ids(m)[:2], 4)
     assert all(o.unsafe and o.tokens == [] for o in outs)
 
 
@@ -286,7 +287,7 @@ def test_sharded_sampler_matches_single_device(casa_model):
     w = m["weights"]
     shardings = param_shardings(CausalLM(m["spec"].text), mesh, *init_inputs())
     replicated = NamedSharding(mesh, PartitionSpec())
-    sharded = CasaWeights(params=jax.tree.map(jax.device_put, w.params, shardings),
+    sharded = Weights(params=jax.tree.map(jax.device_put, w.params, shardings),
                           lora=jax.device_put(w.lora, replicated), safety=jax.device_put(w.safety, replicated),
                           unsafe_query=jax.device_put(w.unsafe_query, replicated))
     assert len(sharded.params["layers"]["mlp"]["up_proj"]["kernel"].sharding.device_set) == 8

@@ -131,14 +131,14 @@ def test_truncated_and_incomplete_checkpoints_name_the_file(tiny, tmp_path):
 def test_prompt_past_the_context_and_ignored_casa_flags(tiny):
     from casa_jax.model.config import ConfigError
     from casa_jax.processing import InputError
-    from casa_jax.infer.chat import chat_replies, clear_cache
-    clear_cache()
+    from casa_jax.infer.chat import chat_replies
+    from casa_jax.infer.engine import Engine
+    engine = Engine.load(tiny[1])
     with pytest.raises(InputError, match="more than the model's context of 64"):
-        chat_replies(tiny[1], ["word " * 80], max_new_tokens=4)
+        chat_replies(engine, ["word " * 80], max_new_tokens=4)
     with pytest.raises(ConfigError, match="apply to CASA models only"):
-        chat_replies(tiny[1], ["hi"], max_new_tokens=4, threshold=0.3)
-    assert len(chat_replies(tiny[1], ["hi"], max_new_tokens=2)) == 1  # negative control: a fitting prompt runs
-    clear_cache()
+        chat_replies(engine, ["hi"], max_new_tokens=4, threshold=0.3)
+    assert len(chat_replies(engine, ["hi"], max_new_tokens=2)) == 1  # negative control: a fitting prompt runs
 
 
 def test_jsonl_errors_name_the_line(tmp_path):

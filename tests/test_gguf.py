@@ -81,7 +81,7 @@ def gguf_parity(gguf_file, converted):
 
 def test_logits_and_tokens_equal_transformers_gguf_loading(gguf_file, converted, gguf_parity):
     from casa_jax.parity import compare, logit_scale
-    from casa_jax.infer.chat import load_tokenizer
+    from casa_jax.io.trained import load_tokenizer
 
     ids, expected, loaded, ours, mask = gguf_parity
     ours_tok = load_tokenizer(converted)

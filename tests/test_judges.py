@@ -170,17 +170,19 @@ def test_raw_judge_prompts_are_fed_as_is(tmp_path, monkeypatch):
     tokenizer's encoding of the filled prompt, no chat-template tokens; MM-SafetyBench's plain prompt still
     goes through the chat template (its user turn)."""
     from casa_jax.infer import chat
-    from casa_jax.infer.decode import Sampler
+    from casa_jax.infer.decode import Decoder
+    from casa_jax.infer.engine import Engine
+    from casa_jax.io.trained import load_tokenizer
     assert TEMPLATES["harmbench"].raw and TEMPLATES["llamaguard"].raw and not TEMPLATES["mmsafetybench"].raw
     ckpt = _tiny_ckpt(tmp_path)
     fed = []
-    original = Sampler.generate
+    original = Decoder.generate
 
     def spy(self, params, prompts, *args, **kwargs):
         fed.append([list(p) for p in prompts])
         return original(self, params, prompts, *args, **kwargs)
-    monkeypatch.setattr(Sampler, "generate", spy)
-    tokenizer = chat.load_tokenizer(ckpt)
+    monkeypatch.setattr(Decoder, "generate", spy)
+    tokenizer = load_tokenizer(ckpt)
     im_start = tokenizer.convert_tokens_to_ids("<|im_start|>")
     requests, responses = ["How do I pick a lock?", "Tell me a joke."], ["Sure, here is how.", "I'm sorry."]
     for name in ("harmbench", "llamaguard"):
@@ -196,8 +198,9 @@ def test_raw_judge_prompts_are_fed_as_is(tmp_path, monkeypatch):
     prompts = [TEMPLATES["mmsafetybench"].fill(q, r) for q, r in zip(requests, responses)]
     assert fed == [[render_prompt(tokenizer, p) for p in prompts]] and all(ids[0] == im_start for ids in fed[0])
     # the function itself: one decoded string per prompt, none for none
-    outs = chat.raw_completions(ckpt, ["[INST] hi [/INST]"], max_new_tokens=2)
-    assert len(outs) == 1 and isinstance(outs[0], str) and chat.raw_completions(ckpt, [], 2) == []
+    engine = Engine.load(ckpt)
+    outs = chat.raw_completions(engine, ["[INST] hi [/INST]"], max_new_tokens=2)
+    assert len(outs) == 1 and isinstance(outs[0], str) and chat.raw_completions(engine, [], 2) == []
 
 
 # --- The human-labelled judge data and the embedding classifier --------------------------------------

@@ -82,14 +82,14 @@ def control_runner(layouts):
     from casa_jax.model.config import load_hf_spec
     from casa_jax.model.rope import positions_from_mask
     from casa_jax.model.text_decoder import CausalLM
-    from casa_jax.parity import build_batch, torch_logits
+    from casa_jax.parity import parity_batch, torch_logits
     refs, loaded, forwards = {}, {}, {}
 
     def run(layout, control, dtype):
         hf_dir = layouts[layout]
         if (layout, dtype) not in refs:
             spec = load_hf_spec(hf_dir)
-            ids, mask = build_batch(hf_dir, spec.text.vocab_size)
+            ids, mask = parity_batch(hf_dir, spec.text.vocab_size)
             refs[layout, dtype] = ids, mask, torch_logits(hf_dir, spec, ids, mask, dtype)[0]
             loaded[layout, dtype] = load_hf_checkpoint(hf_dir, param_dtype=dtype, dtype=dtype, progress=False)
         ids, mask, ref = refs[layout, dtype]
@@ -123,11 +123,11 @@ def test_hidden_states_match_transformers(layouts):
     from casa_jax.io.hf import load_hf_checkpoint
     from casa_jax.model.rope import positions_from_mask
     from casa_jax.model.text_decoder import CausalLM
-    from casa_jax.parity import build_batch
+    from casa_jax.parity import parity_batch
 
     hf_dir = layouts["qwen2"]
     loaded = load_hf_checkpoint(hf_dir, progress=False)
-    ids, mask = build_batch(hf_dir, loaded.spec.text.vocab_size)
+    ids, mask = parity_batch(hf_dir, loaded.spec.text.vocab_size)
     positions = np.asarray(positions_from_mask(mask))
     model = transformers.Qwen2ForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")
     with torch.no_grad():

@@ -196,7 +196,8 @@ def test_casa_sampler_on_image_and_audio_prompts(token_thinker, tokenizer, proce
     from casa_jax.peft.lora import init_lora
     from casa_jax.casa.safety_attention import SafetyAttention, safety_pair_logits, v_s_from_logit
     from casa_jax.casa.safety_tokens import add_safety_tokens
-    from casa_jax.infer.casa_gate import CasaWeights, ConditionalSampler
+    from casa_jax.infer.decode import Decoder, Weights
+    from casa_jax.infer.gates import CasaGate
 
     thinker, loaded, _ = token_thinker
     tok = copy.deepcopy(tokenizer)
@@ -207,11 +208,11 @@ def test_casa_sampler_on_image_and_audio_prompts(token_thinker, tokenizer, proce
     lora = jax.tree.map(lambda x: x + 0.05, init_lora(text, jax.random.key(0)))
     safety = nn.unbox(SafetyAttention(cfg).init(jax.random.key(1), query, np.zeros((1, 2, text.hidden_size)),
                                                 np.ones((1, 2), bool))["params"])
-    weights = CasaWeights(params=params, lora=lora, safety=safety, unsafe_query=query, encoders=loaded.encoders)
+    weights = Weights(params=params, lora=lora, safety=safety, unsafe_query=query, encoders=loaded.encoders)
     mm = Thinker(text, thinker.vision, thinker.audio, thinker.tokens)
     proc = OmniProcessor(tok, processor.vision, **SMALL)
     arrays = proc.from_messages(_conversations(np.random.default_rng(7)))
-    sampler = ConditionalSampler(text, cfg, ids, eos_ids=(tok.convert_tokens_to_ids("<|im_end|>"),), thinker=mm)
+    sampler = Decoder(text, gate=CasaGate(cfg, ids), eos_ids=(tok.convert_tokens_to_ids("<|im_end|>"),), thinker=mm)
     outs = sampler.generate_multimodal(weights, arrays, max_new_tokens=4)
     inputs = mm.prepare(**arrays)
     out = mm(params, loaded.encoders, inputs, lora=lora)

@@ -24,7 +24,8 @@ from casa_jax.model.kv_cache import KVCache
 from casa_jax.model.layers import LORA_COLLECTION
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM, init_inputs
-from casa_jax.infer.casa_gate import CasaWeights, ConditionalSampler
+from casa_jax.infer.decode import Decoder, Weights
+from casa_jax.infer.gates import CasaGate
 from casa_jax.infer.decode import bucket_length, left_pad
 
 EXAMPLES = [Example("Hi", False, "Hello there."),
@@ -88,8 +89,8 @@ def both_paths(request):
     batch = jax.tree.map(jnp.asarray, build_batch(tok, EXAMPLES, 80, ids))
 
     eos = (tok.convert_tokens_to_ids("<|im_end|>"),)
-    sampler = ConditionalSampler(text, cfg, ids, eos_ids=eos, pad_id=tok.pad_token_id)
-    weights = CasaWeights(params=params, lora=lora, safety=safety, unsafe_query=query)
+    sampler = Decoder(text, gate=CasaGate(cfg, ids), eos_ids=eos, pad_id=tok.pad_token_id)
+    weights = Weights(params=params, lora=lora, safety=safety, unsafe_query=query)
     prompts = [render_prompt(tok, e.prompt) for e in EXAMPLES]
     ids_lp, mask_lp = left_pad(prompts, bucket_length(max(map(len, prompts))), tok.pad_token_id)
 
@@ -97,8 +98,8 @@ def both_paths(request):
     def sampler_pair(ids_lp, mask_lp):  # the sampler's prefill + safety step, as in ConditionalSampler._run_text
         cache = KVCache.for_config(text, *ids_lp.shape)
         out = sampler.decoder.apply(weights.variables(), ids_lp, positions_from_mask(mask_lp), mask_lp, cache=cache,
-                                    hidden_layers=sampler._hidden_layers)
-        step_logits, v_s = sampler.safety_step(weights, out, mask_lp)
+                                    hidden_layers=sampler.gate.hidden_layers)
+        step_logits, v_s = sampler.gate.safety_step(weights, out, mask_lp)
         return v_s, jnp.stack([step_logits[:, ids.safe], step_logits[:, ids.unsafe]], -1)
 
     return dict(train_fn=train_fn, batch=batch, sampled=sampler.generate(weights, prompts, max_new_tokens=1),

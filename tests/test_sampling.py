@@ -9,7 +9,7 @@ import pytest
 
 from casa_jax.model.config import TextConfig
 from casa_jax.model.text_decoder import CausalLM, init_inputs
-from casa_jax.infer.decode import Sampler, bucket_length, left_pad
+from casa_jax.infer.decode import Decoder, Weights, bucket_length, left_pad
 from casa_jax.infer.strategies import Greedy, Temperature
 
 CFG = TextConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -23,6 +23,10 @@ def model_params():
     return model, nn.unbox(model.init(jax.random.key(3), *init_inputs())["params"])
 
 
+def _generate(decoder, params, prompts, max_new_tokens, **kw):
+    return [g.tokens for g in decoder.generate(Weights(params), prompts, max_new_tokens, **kw)]
+
+
 def _naive_greedy(model, params, prompt, steps):
     seq = list(prompt)
     for _ in range(steps):
@@ -34,20 +38,20 @@ def _naive_greedy(model, params, prompt, steps):
 
 def test_greedy_sampler_equals_full_recompute(model_params):
     model, params = model_params
-    sampler = Sampler(model, eos_ids=(-1,), strategy=Greedy())
-    out = sampler.generate(params, PROMPTS, max_new_tokens=6)
+    sampler = Decoder(CFG, eos_ids=(-1,), strategy=Greedy())
+    out = _generate(sampler, params, PROMPTS, 6)
     for prompt, got in zip(PROMPTS, out):
         assert got == _naive_greedy(model, params, prompt, 6)
 
 
 def test_stops_at_eos_and_samples(model_params):
     model, params = model_params
-    first = Sampler(model, eos_ids=(-1,)).generate(params, PROMPTS, max_new_tokens=4)
+    first = _generate(Decoder(CFG, eos_ids=(-1,)), params, PROMPTS, 4)
     eos = first[0][2]
-    stopped = Sampler(model, eos_ids=(eos,)).generate(params, PROMPTS, max_new_tokens=4)
+    stopped = _generate(Decoder(CFG, eos_ids=(eos,)), params, PROMPTS, 4)
     assert stopped[0] == first[0][:first[0].index(eos)]
-    sampled = Sampler(model, eos_ids=(-1,), strategy=Temperature(1.0, top_k=5)).generate(
-        params, PROMPTS, max_new_tokens=4, rng=jax.random.key(1))
+    sampled = _generate(Decoder(CFG, eos_ids=(-1,), strategy=Temperature(1.0, top_k=5)), params, PROMPTS, 4,
+                        rng=jax.random.key(1))
     assert all(len(s) == 4 and all(0 <= t < CFG.vocab_size for t in s) for s in sampled)
 
 

@@ -41,7 +41,7 @@ def smollm2(gguf_file, tmp_path_factory):
     from casa_jax.io.convert_lib import gguf_to_ckpt
     from casa_jax.io.orbax_io import restore_checkpoint
     from casa_jax.model.rope import positions_from_mask
-    from casa_jax.infer.chat import load_tokenizer
+    from casa_jax.io.trained import load_tokenizer
 
     ckpt = str(tmp_path_factory.mktemp("smollm2") / "ckpt")
     gguf_to_ckpt(gguf_file, ckpt)

@@ -201,7 +201,7 @@ def test_placeholder_count_mismatch_is_an_error(models):
 
 def test_sampler_generates_like_transformers_after_image_prefill(models):
     """Greedy multimodal generation (bucketed prefill, while_loop decode) gives transformers' tokens."""
-    from casa_jax.infer.decode import Sampler
+    from casa_jax.infer.decode import Decoder, Weights
     hf, thinker, loaded, _ = models
     rng = np.random.default_rng(6)
     (p1, g1), (p2, g2) = _image(rng, (1, 6, 4)), _image(rng, (1, 4, 4))
@@ -210,8 +210,9 @@ def test_sampler_generates_like_transformers_after_image_prefill(models):
     ids, mask = _batch(rows)
     arrays = dict(input_ids=ids, attention_mask=mask, pixel_values=np.concatenate([p1, p2]),
                   image_grid_thw=np.array([g1, g2]))
-    ours = Sampler(thinker.decoder, eos_ids=()).generate_multimodal(thinker, loaded.params, loaded.encoders,
-                                                                     arrays, max_new_tokens=5)
+    decoder = Decoder(thinker.decoder.config, eos_ids=(), thinker=thinker)
+    ours = [g.tokens for g in decoder.generate_multimodal(Weights(loaded.params, encoders=loaded.encoders), arrays,
+                                                          max_new_tokens=5)]
     with torch.no_grad():
         ref = hf.generate(**{k: torch.tensor(v) for k, v in arrays.items()}, max_new_tokens=5, min_new_tokens=5,
                           do_sample=False, pad_token_id=0, eos_token_id=None)

@@ -25,9 +25,8 @@ from casa_jax.casa.safety_attention import SafetyAttention
 from casa_jax.casa.safety_tokens import add_safety_tokens
 from casa_jax.train.step import OptimConfig, init_state, make_eval_fn, make_optimizer, make_train_step
 from casa_jax.model.rope import positions_from_mask
-from casa_jax.sharding import make_mesh
-from casa_jax.train.placement import (batch_sharding, decoder_shardings, global_batch, place, replicated,
-                                         state_shardings)
+from casa_jax.sharding import decoder_shardings, make_mesh, place, replicated, rules_context
+from casa_jax.train.placement import batch_sharding, global_batch, state_shardings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "casa_tiny.py")
@@ -78,8 +77,18 @@ def test_sharded_step_equals_single_device(problem):
     state_sh = state_shardings(jax.eval_shape(init, p["trainable"]), trainable_sh, mesh)
     state = jax.jit(init, out_shardings=state_sh)(place(p["trainable"], trainable_sh))
     step = make_train_step("casa", p["setup"], p["optimizer"], 10, shardings=(state_sh, frozen_sh, batch_sharding(mesh)))
-    with jax.set_mesh(mesh):
+    with rules_context(mesh):  # as the trainer runs it: the activation constraints take effect
+        lowered = step.lower(state, frozen, global_batch(p["batch"], mesh), jax.random.key(0)).as_text()
+        bare = make_train_step("casa", p["setup"], p["optimizer"], 10,
+                               shardings=(state_sh, frozen_sh, batch_sharding(mesh)))
+    with jax.set_mesh(mesh):  # the mesh alone, no rules
+        bare_text = bare.lower(state, frozen, global_batch(p["batch"], mesh), jax.random.key(0)).as_text()
+    with rules_context(mesh):
         got, got_losses = _run_steps(step, state, frozen, global_batch(p["batch"], mesh), 3)
+    # activations [batch -> (data, fsdp), length, embed] are constrained inside the step; without the
+    # rules (negative control) no constraint names the mesh
+    assert '<@mesh, [{"data", "fsdp"}, {}, {}]>' in lowered
+    assert '<@mesh, [{"data", "fsdp"}, {}, {}]>' not in bare_text
 
     np.testing.assert_allclose(got_losses, want_losses, atol=1e-5)
     for a, b in zip(jax.tree.leaves(got.trainable), jax.tree.leaves(want.trainable)):

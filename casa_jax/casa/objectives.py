@@ -42,7 +42,7 @@ from casa_jax.casa.examples import TrainBatch
 from casa_jax.casa.safety_attention import SafetyAttention, safety_pair_logits, v_s_from_logit
 from casa_jax.casa.safety_tokens import SafetyTokenIds
 from casa_jax.model.config import TextConfig
-from casa_jax.model.layers import LORA_COLLECTION
+from casa_jax.model.layers import model_variables
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM
 
@@ -80,7 +80,7 @@ class ObjectiveSetup:
 
 
 def _variables(trainable, frozen) -> dict:
-    return {"params": frozen["params"], LORA_COLLECTION: trainable["lora"]}
+    return model_variables(frozen["params"], trainable["lora"])
 
 
 def _example_weights(batch: TrainBatch, beta: float) -> jax.Array:  # [B]

@@ -168,6 +168,7 @@ def run(workdir: str, gguf: str | None = None, steps: int = 60, per_suite: int =
     from casa_jax.eval.judges import get_judge
     from casa_jax.eval.report import agreement_line, answer_agreement, comparison_plot, comparison_table
     from casa_jax.eval.run import evaluate
+    from casa_jax.infer.engine import Engine
 
     t0 = time.time()
     os.makedirs(workdir, exist_ok=True)
@@ -185,7 +186,7 @@ def run(workdir: str, gguf: str | None = None, steps: int = 60, per_suite: int =
     def evaluate_model(name, ckpt):
         out = os.path.join(workdir, "eval", name)
         return _evaluate_once(name, ckpt, out, settings, lambda: evaluate(
-            ckpt, out, SUITES, per_suite=per_suite, max_new_tokens=max_new_tokens, benign_limit=benign,
+            Engine.load(ckpt), out, SUITES, per_suite=per_suite, max_new_tokens=max_new_tokens, benign_limit=benign,
             judge=judge))
 
     print(f"[2/{total}] evaluating the base model ({per_suite} held-out harmful prompts per attack, {benign} benign)")

@@ -76,6 +76,7 @@ def run(workdir: str, casa_steps: int = 200, baseline_steps: int = 100, per_suit
         max_new_tokens: int = 16) -> dict:
     from casa_jax.eval.report import comparison_table
     from casa_jax.eval.run import evaluate
+    from casa_jax.infer.engine import Engine
 
     t0 = time.time()
     os.makedirs(workdir, exist_ok=True)
@@ -95,7 +96,7 @@ def run(workdir: str, casa_steps: int = 200, baseline_steps: int = 100, per_suit
     print(f"[4/4] evaluating {', '.join(checkpoints)} on {len(SUITES)} suites ({per_suite} held-out prompts each)")
     reports = {}
     for name, ckpt in checkpoints.items():
-        reports[name] = evaluate(ckpt, os.path.join(workdir, "eval", name), SUITES, per_suite=per_suite,
+        reports[name] = evaluate(Engine.load(ckpt), os.path.join(workdir, "eval", name), SUITES, per_suite=per_suite,
                                  max_new_tokens=max_new_tokens, progress=False)
     summary = comparison_table(reports, SUITES)
     casa_token = reports["casa"]["safety_token"] or {}

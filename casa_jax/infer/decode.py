@@ -1,20 +1,25 @@
-"""A jitted sampler with a KV cache: bucketed prefill, then a ``lax.while_loop`` of one-token steps.
+"""One jitted decode loop for every model: bucketed prefill, a gate at step 0, then a ``lax.while_loop``
+of one-token cached steps (the shape of gemma's ``_sampler_loop``: one state dataclass, one loop).
 
-Prompts are left-padded to a bucket length so a new prompt length rarely means a new compile.
+Plain, LoRA and Circuit-Breaker models pass through ``NoGate``; a CASA model's safety step, and the
+attacker prefill written after its safety token, is the ``CasaGate`` (``infer.gates``). Prompts are
+left-padded to a bucket length so a new prompt length rarely means a new compile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from casa_jax.model.config import TextConfig
 from casa_jax.model.kv_cache import KVCache
-from casa_jax.model.layers import LORA_COLLECTION
+from casa_jax.model.layers import model_variables
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM
 from casa_jax.infer.strategies import Greedy
@@ -22,6 +27,7 @@ from casa_jax.infer.strategies import Greedy
 PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
+# -- host-side batching -------------------------------------------------------------------------------
 def bucket_length(length: int, buckets: Sequence[int] = PREFILL_BUCKETS) -> int:
     for b in buckets:
         if length <= b:
@@ -64,6 +70,33 @@ def cut_at_eos(row: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
     return list(row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))])
 
 
+# -- the weights every run reads ------------------------------------------------------------------------
+@flax.struct.dataclass
+class Weights:
+    """Everything a decode reads, as one pytree (so it can be placed on a mesh and jitted)."""
+
+    params: Any  # decoder params (a CASA model's safety-token rows included)
+    lora: Any = None  # LoRA collection, or None
+    encoders: Any = None  # thinker encoders, for multimodal prompts
+    safety: Any = None  # CASA: SafetyAttention params
+    unsafe_query: Any = None  # CASA: [E] frozen pretrained embedding of the unsafe token
+
+    def variables(self) -> dict:
+        return model_variables(self.params, self.lora)
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+@flax.struct.dataclass
+class DecodeState:
+    cache: KVCache
+    logits: jax.Array  # [B, V] logits for the next token
+    positions: jax.Array  # [B] position of the next token
+    tokens: jax.Array  # [B, max_new_tokens] generated ids (pad after done)
+    done: jax.Array  # [B] bool
+    step: jax.Array  # [] int32
+    rng: jax.Array
+
+
 def decode_loop(model: CausalLM, variables: dict, strategy, eos_ids: Sequence[int], pad_id: int, cache: KVCache,
                 logits: jax.Array, positions: jax.Array, done: jax.Array, rng: jax.Array,
                 max_new_tokens: int) -> jax.Array:
@@ -94,77 +127,140 @@ def decode_loop(model: CausalLM, variables: dict, strategy, eos_ids: Sequence[in
     return jax.lax.while_loop(cond, body, state).tokens
 
 
-def _variables(params) -> dict:
-    """Accept a params tree or a full variables dict (``{"params": ..., "lora": ...}``)."""
-    return params if "params" in params else {"params": params}
+@dataclasses.dataclass(frozen=True)
+class Generated:
+    """One row's result (host side): the generated ids and, under a gate that decides, its decision."""
 
+    tokens: list[int]  # after the gate's step-0 tokens (a CASA model: after the safety token and any prefill)
+    decision: Any = None  # ``gates.RowDecision`` under the CASA gate, else None
 
-@flax.struct.dataclass
-class DecodeState:
-    cache: KVCache
-    logits: jax.Array  # [B, V] logits for the next token
-    positions: jax.Array  # [B] position of the next token
-    tokens: jax.Array  # [B, max_new_tokens] generated ids (pad after done)
-    done: jax.Array  # [B] bool
-    step: jax.Array  # [] int32
-    rng: jax.Array
+    @property
+    def unsafe(self) -> bool | None:
+        return None if self.decision is None else self.decision.unsafe
+
+    @property
+    def verdict(self) -> str | None:
+        return None if self.decision is None else self.decision.verdict
+
+    @property
+    def v_s(self) -> float | None:
+        return None if self.decision is None else self.decision.v_s
+
+    @property
+    def p_safe(self) -> float | None:
+        return None if self.decision is None else self.decision.p_safe
+
+    @property
+    def p_unsafe(self) -> float | None:
+        return None if self.decision is None else self.decision.p_unsafe
 
 
 @dataclasses.dataclass(frozen=True)
-class Sampler:
-    """Greedy or stochastic decoding for a ``CausalLM``; ``generate`` works on token-id lists.
+class Decoder:
+    """Greedy or stochastic decoding of one model under one gate: ``generate`` works on token-id lists,
+    ``generate_multimodal`` on ``OmniProcessor`` arrays (with ``thinker``).
 
-    ``params`` may also be a variables dict with a ``"lora"`` collection (adapters applied)."""
+    The jitted functions belong to this object (an ``Engine`` keeps one Decoder per strategy and gate);
+    ``context`` is entered around every call, so they are traced and run under the Engine's mesh and
+    logical-axis rules."""
 
-    model: CausalLM
+    text: TextConfig
     eos_ids: tuple[int, ...]
     pad_id: int = 0
-    strategy: object = Greedy()
+    strategy: Any = Greedy()
+    gate: Any = None  # ``gates.NoGate()`` when None
+    thinker: Any = None  # a ``Thinker`` for multimodal prompts
+    context: Callable[[], Any] = contextlib.nullcontext
+    traces: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "_run_jit", jax.jit(self._run, static_argnums=(4,)))
-        object.__setattr__(self, "_run_thinker_jit", jax.jit(self._run_thinker, static_argnums=(0, 5)))
+        if self.gate is None:
+            from casa_jax.infer.gates import NoGate
+            object.__setattr__(self, "gate", NoGate())
+        object.__setattr__(self, "_text_jit", jax.jit(self._run_text, static_argnums=(6,)))
+        object.__setattr__(self, "_media_jit", jax.jit(self._run_media, static_argnums=(5,)))
 
-    def _run(self, params, ids, mask, rng, max_new_tokens: int):
+    @property
+    def decoder(self) -> CausalLM:
+        return CausalLM(self.text)
+
+    # -- traced ---------------------------------------------------------------------------------------
+    def _run_text(self, weights: Weights, ids, mask, chunk_ids, chunk_mask, rng, max_new_tokens: int):
+        self.traces["text"] = self.traces.get("text", 0) + 1  # runs at trace time only
         batch, length = ids.shape
-        cache = KVCache.for_config(self.model.config, batch, length + max_new_tokens)
+        cache = KVCache.for_config(self.text, batch, length + chunk_ids.shape[1] + max_new_tokens)
         positions = positions_from_mask(mask)
-        out = self.model.apply(_variables(params), ids, positions, mask, cache=cache)
-        return self._decode(params, out, positions[:, -1] + 1, rng, max_new_tokens)
+        out = self.decoder.apply(weights.variables(), ids, positions, mask, cache=cache,
+                                 hidden_layers=self.gate.hidden_layers)
+        return self._after_prefill(weights, out, mask, positions[:, -1] + 1, chunk_ids, chunk_mask, rng,
+                                   max_new_tokens)
 
-    def _run_thinker(self, thinker, params, encoders, inputs, rng, max_new_tokens: int):
-        """Multimodal prefill through the thinker, then the same decode loop. Decoding continues at
-        max(prompt positions) + 1 on all three M-RoPE streams (= real tokens + rope delta)."""
+    def _run_media(self, weights: Weights, inputs, chunk_ids, chunk_mask, rng, max_new_tokens: int):
+        self.traces["media"] = self.traces.get("media", 0) + 1
         batch, length = inputs.input_ids.shape
-        cache = KVCache.for_config(self.model.config, batch, length + max_new_tokens)
-        variables = _variables(params)
-        out = thinker(variables["params"], encoders, inputs, cache=cache, lora=variables.get(LORA_COLLECTION))
-        return self._decode(params, out, next_decode_positions(inputs), rng, max_new_tokens)
+        cache = KVCache.for_config(self.text, batch, length + chunk_ids.shape[1] + max_new_tokens)
+        out = self.thinker(weights.params, weights.encoders, inputs, cache=cache,
+                           hidden_layers=self.gate.hidden_layers, lora=weights.lora)
+        return self._after_prefill(weights, out, inputs.attention_mask, next_decode_positions(inputs), chunk_ids,
+                                   chunk_mask, rng, max_new_tokens)
 
-    def _decode(self, params, out, next_positions, rng, max_new_tokens: int):
-        done = jnp.zeros((out.logits.shape[0],), bool)
-        return decode_loop(self.model, _variables(params), self.strategy, self.eos_ids, self.pad_id, out.cache,
-                           out.logits[:, -1], next_positions, done, rng, max_new_tokens)
+    def _after_prefill(self, weights, out, prompt_mask, next_positions, chunk_ids, chunk_mask, rng, max_new_tokens):
+        opened = self.gate.open(self.decoder, weights, out, prompt_mask, next_positions, chunk_ids, chunk_mask)
+        tokens = decode_loop(self.decoder, weights.variables(), self.strategy, self.eos_ids, self.pad_id,
+                             opened.cache, opened.logits, opened.positions, opened.done, rng, max_new_tokens)
+        return tokens, opened.decision
 
-    def generate(self, params, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
-                 rng: jax.Array | None = None) -> list[list[int]]:
-        """Token ids generated for each prompt, up to and excluding the first EOS."""
-        length = bucket_length(max(len(p) for p in prompts))
-        ids, mask = left_pad(prompts, length, self.pad_id)
-        rng = jax.random.key(0) if rng is None else rng
-        return self._cut(np.asarray(self._run_jit(params, ids, mask, rng, max_new_tokens)))
+    # -- host entry points ----------------------------------------------------------------------------
+    def generate(self, weights: Weights, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
+                 prefills: Sequence[Sequence[int]] | None = None, rng: jax.Array | None = None) -> list[Generated]:
+        """Prompt ids (a chat prompt ends with the opened assistant turn) -> one ``Generated`` per row,
+        up to and excluding the first EOS. ``prefills``: attacker-controlled assistant ids, placed where
+        the gate says (after a CASA model's safety token; else right after the prompt)."""
+        prefills = _check_prefills(prefills, len(prompts))
+        if self.gate.prefill_in_prompt:  # one prefill over prompt + attacker prefix
+            prompts, prefills = [list(p) + list(q) for p, q in zip(prompts, prefills)], [[]] * len(prompts)
+        chunk_ids, chunk_mask = self.gate.chunk(prefills, self.pad_id)
+        ids, mask = left_pad(prompts, bucket_length(max(len(p) for p in prompts)), self.pad_id)
+        with self.context():
+            tokens, decision = self._text_jit(weights, ids, mask, chunk_ids, chunk_mask,
+                                              jax.random.key(0) if rng is None else rng, max_new_tokens)
+        return self._collect(tokens, decision)
 
-    def generate_multimodal(self, thinker, params, encoders, arrays: dict, max_new_tokens: int = 32,
-                            rng: jax.Array | None = None) -> list[list[int]]:
-        """Like ``generate``, for processor outputs (``OmniProcessor`` arrays: left-padded ids, media);
-        ``params`` may be a variables dict with the decoder's LoRA collection.
+    def generate_multimodal(self, weights: Weights, arrays: dict, max_new_tokens: int = 32,
+                            prefills: Sequence[Sequence[int]] | None = None,
+                            rng: jax.Array | None = None) -> list[Generated]:
+        """Like ``generate`` for ``OmniProcessor`` outputs (images, audio, video), through ``self.thinker``.
+        The prompt batch is left-padded to a prefill bucket before ``thinker.prepare``."""
+        if self.thinker is None:
+            raise ValueError("generate_multimodal needs a Decoder built with thinker=Thinker(...)")
+        prefills = _check_prefills(prefills, np.asarray(arrays["input_ids"]).shape[0])
+        chunk_ids, chunk_mask = self.gate.chunk(prefills, self.pad_id)  # media prompts: always a chunk
+        inputs = self.thinker.prepare(**pad_to_bucket(arrays, self.pad_id))
+        with self.context():
+            tokens, decision = self._media_jit(weights, inputs, chunk_ids, chunk_mask,
+                                               jax.random.key(0) if rng is None else rng, max_new_tokens)
+        return self._collect(tokens, decision)
 
-        The prompt batch is left-padded to a prefill bucket before ``thinker.prepare``, so new prompt
-        lengths rarely recompile.
-        """
-        inputs = thinker.prepare(**pad_to_bucket(arrays, self.pad_id))
-        rng = jax.random.key(0) if rng is None else rng
-        return self._cut(np.asarray(self._run_thinker_jit(thinker, params, encoders, inputs, rng, max_new_tokens)))
+    def _collect(self, tokens, decision) -> list[Generated]:
+        tokens = np.asarray(tokens)
+        rows = self.gate.rows(decision, tokens.shape[0])
+        return [Generated(tokens=[] if self.gate.drops_tokens(row) else cut_at_eos(tokens[i].tolist(), self.eos_ids),
+                          decision=row) for i, row in enumerate(rows)]
 
-    def _cut(self, tokens: np.ndarray) -> list[list[int]]:
-        return [cut_at_eos(row, self.eos_ids) for row in tokens.tolist()]
+
+def _check_prefills(prefills, batch: int) -> list[list[int]]:
+    prefills = [list(p) for p in (prefills or [[]] * batch)]
+    if len(prefills) != batch:
+        raise ValueError(f"{len(prefills)} assistant prefills for {batch} prompts")
+    return prefills
+
+
+def right_aligned(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) [B, max len] with each row right-aligned; rows may be empty (all padding)."""
+    width = max((len(r) for r in rows), default=0)
+    ids = np.full((len(rows), width), pad_id, np.int32)
+    mask = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+        if r:
+            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
+    return ids, mask

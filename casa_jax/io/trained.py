@@ -14,7 +14,6 @@ from casa_jax.io.hf import LoadedCheckpoint
 from casa_jax.io.hf_files import CheckpointError
 from casa_jax.io.orbax_io import restore_checkpoint, save_checkpoint
 from casa_jax.model.config import ModelSpec
-from casa_jax.infer.casa_gate import CasaWeights
 
 
 @dataclasses.dataclass
@@ -33,10 +32,6 @@ class TrainedModel:
     @property
     def is_casa(self) -> bool:
         return self.objective == "casa"
-
-    def weights(self) -> CasaWeights:
-        return CasaWeights(params=self.params, lora=self.lora, safety=self.safety, unsafe_query=self.unsafe_query,
-                           encoders=self.encoders or None)
 
 
 def save_trained(ckpt_dir: str, model: TrainedModel, tokenizer, sidecar_from: str | None = None,
@@ -71,3 +66,15 @@ def load_trained(ckpt_dir: str, **policy) -> TrainedModel:
         model.safety = loaded.extra["safety"]
         model.unsafe_query = loaded.extra["unsafe_query"]
     return model
+
+
+def load_tokenizer(ckpt_dir: str):
+    """The checkpoint's tokenizer (its ``hf_sidecar/``: a trained model's includes the safety tokens)."""
+    from transformers import AutoTokenizer
+
+    from casa_jax.io.orbax_io import sidecar_dir
+    path = sidecar_dir(ckpt_dir)
+    if path is None:
+        raise CheckpointError(f"{ckpt_dir}: has no tokenizer files (hf_sidecar/); convert from a Hugging Face "
+                              "directory that contains tokenizer.json or vocab.json + merges.txt")
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)

@@ -6,6 +6,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from casa_jax.model.constraints import constrain
 from casa_jax.model.layers import Dense, LoraSpec
 from casa_jax.model.rope import apply_rotary
 
@@ -44,7 +45,7 @@ class Attention(nn.Module):
                   use_bias=self.use_bias, name="v_proj", **kw, **self.lora.for_layer("v_proj"))(x)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-        q = nn.with_logical_constraint(q, ("activation_batch", "activation_length", "activation_heads",
+        q = constrain(q, ("activation_batch", "activation_length", "activation_heads",
                                            "activation_head_dim"))
 
         new_cache = None
@@ -63,7 +64,7 @@ class Attention(nn.Module):
         scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads, d)
-        out = nn.with_logical_constraint(out, ("activation_batch", "activation_length", "activation_heads",
+        out = constrain(out, ("activation_batch", "activation_length", "activation_heads",
                                                "activation_head_dim"))
         out = Dense((x.shape[-1],), ("q_heads", "head_dim", "embed"), in_axes=2, name="o_proj", **kw,
                     **self.lora.for_layer("o_proj"))(out)

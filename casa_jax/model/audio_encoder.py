@@ -17,7 +17,7 @@ import numpy as np
 
 from casa_jax.model.encoder_config import AudioConfig
 from casa_jax.model.layers import Dense
-from casa_jax.model.vision_layout import bucket_length
+from casa_jax.model.vision_layout import slot_bucket
 
 
 def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
@@ -86,8 +86,8 @@ def audio_layout(clips: Sequence[np.ndarray], cfg: AudioConfig, min_chunks: int 
         firsts.append(states[0:2 * n_out:2])
         seconds.append(states[1:2 * n_out:2])
         tokens.append(n_out)
-    c_pad = bucket_length(len(chunks), min_chunks)
-    a_pad = bucket_length(sum(tokens), min_tokens)
+    c_pad = slot_bucket(len(chunks), min_chunks)
+    a_pad = slot_bucket(sum(tokens), min_tokens)
     features = np.zeros((c_pad, width, cfg.num_mel_bins), np.float32)
     features[:len(chunks)] = np.stack(chunks)
     chunk_frames = np.zeros((c_pad,), np.int32)

@@ -14,7 +14,14 @@ import os
 from typing import Any, Mapping
 
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
-REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
+# remat_policy -> what nn.remat saves ("none": no remat; "full": save nothing, recompute the layer)
+REMAT_POLICIES = {
+    "none": None,
+    "full": None,
+    "dots": "checkpoint_dots",
+    "dots_with_no_batch_dims": "checkpoint_dots_with_no_batch_dims",
+    "minimal": "dots_with_no_batch_dims_saveable",
+}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Hugging Face ``model_type`` values we read, and what they hold.
@@ -106,7 +113,7 @@ class TextConfig:
             raise ConfigError(f"TextConfig: lora_rank={self.lora_rank} must be >= 0 and lora_dropout="
                               f"{self.lora_dropout} in [0, 1)")
         if self.remat_policy not in REMAT_POLICIES:
-            raise ConfigError(f"TextConfig.remat_policy={self.remat_policy!r}; expected one of {REMAT_POLICIES}")
+            raise ConfigError(f"TextConfig.remat_policy={self.remat_policy!r}; expected one of {tuple(REMAT_POLICIES)}")
 
     def replace(self, **changes) -> "TextConfig":
         return dataclasses.replace(self, **changes)

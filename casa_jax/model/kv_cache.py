@@ -21,6 +21,14 @@ class KVCache:
     valid: jax.Array  # [batch, max_length] bool: slot holds a real (non-padding) token
     index: jax.Array  # [] int32: number of slots written so far (same for every row)
 
+    def constrained(self) -> "KVCache":
+        """The cache with its logical sharding (``CACHE_AXES``) as constraints: under a mesh and the rules
+        (``sharding.rules_context``) keys/values are laid out as the rules say; elsewhere a no-op."""
+        from casa_jax.model.constraints import constrain
+        return KVCache(keys=constrain(self.keys, CACHE_AXES),
+                       values=constrain(self.values, CACHE_AXES),
+                       valid=constrain(self.valid, CACHE_AXES[1:3]), index=self.index)
+
     @property
     def max_length(self) -> int:
         return self.keys.shape[2]
@@ -30,7 +38,7 @@ class KVCache:
               dtype=jnp.float32) -> "KVCache":
         shape = (num_layers, batch, max_length, num_kv_heads, head_dim)
         return cls(keys=jnp.zeros(shape, dtype), values=jnp.zeros(shape, dtype),
-                   valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
+                   valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32)).constrained()
 
     @classmethod
     def for_config(cls, config, batch: int, max_length: int, dtype=None) -> "KVCache":

@@ -10,11 +10,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from casa_jax.model.constraints import constrain
+
 Dtype = jnp.dtype
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
 LORA_COLLECTION = "lora"
+
+
+def model_variables(params, lora=None) -> dict:
+    """The variables dict a decoder applies: ``{"params": ...}``, plus the LoRA collection when given."""
+    return {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,5 +152,5 @@ class SwiGLU(nn.Module):
         up = Dense((self.intermediate_size,), ("embed", "mlp"), name="up_proj", **kw,
                    **self.lora.for_layer("up_proj"))(x)
         h = nn.silu(gate) * up
-        h = nn.with_logical_constraint(h, ("activation_batch", "activation_length", "activation_mlp"))
+        h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
         return Dense((x.shape[-1],), ("mlp", "embed"), name="down_proj", **kw, **self.lora.for_layer("down_proj"))(h)

@@ -14,20 +14,15 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from casa_jax.model.constraints import constrain
 from casa_jax.model.attention import Attention, attention_mask_bias
-from casa_jax.model.config import TextConfig
+from casa_jax.model.config import REMAT_POLICIES, TextConfig
 from casa_jax.model.kv_cache import KVCache
 from casa_jax.model.layers import LORA_COLLECTION, Dense, Embed, RMSNorm, SwiGLU
 from casa_jax.model.rope import rotary_cos_sin
 
 ACT = ("activation_batch", "activation_length", "activation_embed")
 
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 @flax.struct.dataclass
@@ -57,7 +52,7 @@ class DecoderLayer(nn.Module):
     def __call__(self, x: jax.Array, ctx: LayerContext, layer_cache):
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
-        x = nn.with_logical_constraint(x, ACT)
+        x = constrain(x, ACT)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
         h, new_cache = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim,
                                  use_bias=cfg.attention_bias, name="self_attn", lora=cfg.lora, **kw)(
@@ -65,7 +60,7 @@ class DecoderLayer(nn.Module):
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + SwiGLU(cfg.intermediate_size, name="mlp", lora=cfg.lora, **kw)(h)
-        x = nn.with_logical_constraint(x, ACT)
+        x = constrain(x, ACT)
         return x, (new_cache, x)
 
 
@@ -77,7 +72,9 @@ def _layer_stack(config: TextConfig):
     """
     layer = DecoderLayer
     if config.remat_policy != "none":
-        layer = nn.remat(layer, policy=REMAT_POLICIES[config.remat_policy], prevent_cse=False)
+        saved = REMAT_POLICIES[config.remat_policy]
+        policy = getattr(jax.checkpoint_policies, saved) if saved else None
+        layer = nn.remat(layer, policy=policy, prevent_cse=False)
     return nn.scan(
         layer,
         variable_axes={"params": 0, LORA_COLLECTION: 0},
@@ -119,7 +116,7 @@ class CausalLM(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         x = self.embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(jnp.dtype(cfg.dtype))
-        x = nn.with_logical_constraint(x, ACT)
+        x = constrain(x, ACT)
         batch, length = x.shape[:2]
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), bool)
@@ -144,7 +141,7 @@ class CausalLM(nn.Module):
         final, (new_kv, per_layer) = self.layers(x, ctx, layer_caches)
         new_cache = None
         if cache is not None:
-            new_cache = KVCache(keys=new_kv[0], values=new_kv[1], valid=valid, index=cache.index + length)
+            new_cache = KVCache(keys=new_kv[0], values=new_kv[1], valid=valid, index=cache.index + length).constrained()
 
         hidden = None
         if hidden_layers:
@@ -157,7 +154,7 @@ class CausalLM(nn.Module):
                 logits = self.embed_tokens.attend(final)
             else:
                 logits = self.lm_head(final)
-            logits = nn.with_logical_constraint(logits.astype(jnp.float32),
+            logits = constrain(logits.astype(jnp.float32),
                                                 ("activation_batch", "activation_length", "activation_vocab"))
         return DecoderOutput(logits=logits, cache=new_cache, hidden_states=hidden, final_hidden=final)
 

@@ -19,7 +19,7 @@ from casa_jax.model.audio_encoder import AudioEncoder, audio_layout
 from casa_jax.model.config import ConfigError, ModelSpec, TextConfig
 from casa_jax.model.encoder_config import AudioConfig, VisionConfig, encoder_configs
 from casa_jax.model.kv_cache import KVCache
-from casa_jax.model.layers import LORA_COLLECTION
+from casa_jax.model.layers import model_variables
 from casa_jax.model.rope_index import ThinkerTokens, get_rope_index
 from casa_jax.model.text_decoder import CausalLM, DecoderOutput
 from casa_jax.model.vision_encoder import VisionEncoder
@@ -32,7 +32,6 @@ class VisionInputs:
     patch_order: jax.Array  # [N_pad]
     positions: jax.Array  # [N_pad, 2]
     frame_segment: jax.Array  # [N_pad]
-    window_segment: jax.Array  # [N_pad]
     restore_order: jax.Array  # [M_pad]
     targets: jax.Array  # [M_pad] flat (row * T + column) token slot; B * T = dropped padding
 
@@ -183,7 +182,7 @@ class Thinker:
 
     def encode_vision(self, encoders, vision: VisionInputs) -> jax.Array:  # -> [M_pad, E]
         fields = {k: getattr(vision, k) for k in ("pixel_values", "patch_order", "positions", "frame_segment",
-                                                   "window_segment", "restore_order")}
+                                                   "restore_order")}
         return VisionEncoder(self.vision).apply({"params": encoders["visual"]}, **fields)
 
     def encode_audio(self, encoders, audio: AudioInputs) -> jax.Array:  # -> [A_pad, E]
@@ -208,7 +207,7 @@ class Thinker:
                  hidden_layers: Sequence[int] = (), return_logits: bool = True, lora=None) -> DecoderOutput:
         """``lora``: the decoder's LoRA collection (None: the base decoder)."""
         embeds = self.embed(params, encoders, inputs)
-        variables = {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
+        variables = model_variables(params, lora)
         return self.decoder.apply(variables, None, inputs.positions, inputs.attention_mask, cache=cache,
                                   inputs_embeds=embeds, hidden_layers=tuple(hidden_layers),
                                   return_logits=return_logits)
@@ -223,7 +222,7 @@ def init_encoders(vision: VisionConfig, audio: AudioConfig, key: jax.Array, unbo
     n = window_capacity(vision) * vision.merge_unit  # one full window slot of patches
     visual = VisionEncoder(vision).init(
         jax.random.fold_in(key, 0), np.zeros((n, vision.patch_dim), np.float32), np.arange(n),
-        np.zeros((n, 2), np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32), np.arange(n // vision.merge_unit))
+        np.zeros((n, 2), np.int32), np.zeros(n, np.int32), np.arange(n // vision.merge_unit))
     tower = AudioEncoder(audio).init(
         jax.random.fold_in(key, 1), np.zeros((1, audio.chunk_frames, audio.num_mel_bins), np.float32),
         np.ones(1, np.int32), np.zeros(4, np.int32), np.zeros(4, np.int32))

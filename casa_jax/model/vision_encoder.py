@@ -131,7 +131,7 @@ class VisionEncoder(nn.Module):
     config: VisionConfig
 
     @nn.compact
-    def __call__(self, pixel_values, patch_order, positions, frame_segment, window_segment, restore_order):
+    def __call__(self, pixel_values, patch_order, positions, frame_segment, restore_order):
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         # The 3-D convolution has stride == kernel, so it is one matmul over flattened patches.
@@ -139,7 +139,6 @@ class VisionEncoder(nn.Module):
                   param_dtype=param_dtype)(pixel_values)
         x = jnp.take(x, patch_order, axis=0)  # window order
         cos, sin = vision_rotary(positions, cfg.head_dim, cfg.rope_theta)
-        del window_segment  # windows are the fixed-size slots of the layout
         is_full = jnp.asarray([i in cfg.fullatt_block_indexes for i in range(cfg.depth)])
         blocks = nn.scan(VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True},
                          in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0), length=cfg.depth,

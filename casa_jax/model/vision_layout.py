@@ -17,7 +17,7 @@ from casa_jax.model.encoder_config import VisionConfig
 PAD_SEGMENT = -1  # padding patches attend only to each other
 
 
-def bucket_length(n: int, minimum: int = 16) -> int:
+def slot_bucket(n: int, minimum: int = 16) -> int:
     """Smallest bucket >= n among minimum * (1, 1.5, 2, 3, 4, 6, ...): two shapes per doubling, so few
     compilations and at most 50% padding. Buckets stay multiples of ``minimum`` // 2."""
     size = minimum
@@ -43,7 +43,6 @@ class VisionLayout:
     patch_order: np.ndarray  # [N_pad] int32
     positions: np.ndarray  # [N_pad, 2] int32 (h, w)
     frame_segment: np.ndarray  # [N_pad] int32
-    window_segment: np.ndarray  # [N_pad] int32
     restore_order: np.ndarray  # [M_pad] int32, M_pad = N_pad / merge_unit
     tokens_per_item: tuple[int, ...]  # merged tokens of each image/video, in input order
 
@@ -58,7 +57,7 @@ class VisionLayout:
     def arrays(self) -> dict[str, np.ndarray]:
         """The device inputs of ``VisionEncoder`` (everything but the Python-side counts)."""
         return dict(patch_order=self.patch_order, positions=self.positions, frame_segment=self.frame_segment,
-                    window_segment=self.window_segment, restore_order=self.restore_order)
+                    restore_order=self.restore_order)
 
 
 def _check_grid(grid_thw: np.ndarray, cfg: VisionConfig) -> np.ndarray:
@@ -90,8 +89,8 @@ def vision_layout(grid_thw: Sequence[Sequence[int]] | np.ndarray, cfg: VisionCon
     grid = _check_grid(grid_thw, cfg)
     m, unit = cfg.spatial_merge_size, cfg.merge_unit
     window = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size
-    merged_order, positions, frames, windows, tokens, window_sizes = [], [], [], [], [], []
-    merged_offset = frame_offset = window_offset = 0
+    merged_order, positions, frames, tokens, window_sizes = [], [], [], [], []
+    merged_offset = frame_offset = 0
     for t, h, w in grid.tolist():
         lh, lw = h // m, w // m
         order, sizes = _window_order(t, lh, lw, window)
@@ -104,12 +103,10 @@ def vision_layout(grid_thw: Sequence[Sequence[int]] | np.ndarray, cfg: VisionCon
         positions.append(hw[order].reshape(-1, 2))
         frame_of_token = np.repeat(np.arange(t), lh * lw)
         frames.append(np.repeat(frame_of_token[order] + frame_offset, unit))
-        windows.append(np.repeat(np.repeat(np.arange(len(sizes)), sizes) + window_offset, unit))
         tokens.append(t * lh * lw)
         window_sizes.append(sizes)
         merged_offset += t * lh * lw
         frame_offset += t
-        window_offset += len(sizes)
     # Window slots: each window gets a fixed slot of ``capacity`` merged tokens (smaller edge windows are
     # padded), so window attention is a batched attention over [slots, capacity] blocks.
     capacity = window_capacity(cfg)
@@ -117,7 +114,7 @@ def vision_layout(grid_thw: Sequence[Sequence[int]] | np.ndarray, cfg: VisionCon
     merged = np.concatenate(merged_order)
     n_tokens = merged_offset
     min_slots = max(1, -(-min_patches // (capacity * unit)))
-    n_slots = bucket_length(len(sizes), min_slots)
+    n_slots = slot_bucket(len(sizes), min_slots)
     slot_of_window = np.arange(len(sizes)) * capacity
     within = np.arange(n_tokens) - np.repeat(np.cumsum(sizes) - sizes, sizes)
     slot_index = np.repeat(slot_of_window, sizes) + within  # slotted merged position of each window-ordered token
@@ -143,7 +140,7 @@ def vision_layout(grid_thw: Sequence[Sequence[int]] | np.ndarray, cfg: VisionCon
         return out.astype(np.int32)
 
     return VisionLayout(patch_order=patch_order.astype(np.int32), positions=scatter(positions, 0),
-                        frame_segment=scatter(frames, PAD_SEGMENT), window_segment=scatter(windows, PAD_SEGMENT),
+                        frame_segment=scatter(frames, PAD_SEGMENT),
                         restore_order=restore.astype(np.int32), tokens_per_item=tuple(tokens))
 
 

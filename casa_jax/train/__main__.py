@@ -15,10 +15,10 @@ import sys
 
 from absl import app, flags
 
-from casa_jax.cli import define_config_file, exit_on_bad_input, quiet_libraries, run
+from casa_jax.cli import REPO_ROOT, define_config_file, exit_on_bad_input, quiet_libraries, run
 
 # The tiny CASA config of this checkout is the default, so `python -m casa_jax.train` alone trains it.
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "casa_tiny.py")
+_DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "casa_tiny.py")
 define_config_file("config", _DEFAULT_CONFIG if os.path.isfile(_DEFAULT_CONFIG) else None,
                    "Training config file (default: configs/casa_tiny.py, objective casa; e.g. configs/casa_tiny.py:ssft).")
 flags.DEFINE_string("workdir", os.path.join("workdir", "casa_tiny"), "Output directory (config, metrics, "

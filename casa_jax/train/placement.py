@@ -1,5 +1,5 @@
-"""Where every training array lives on the mesh: frozen params and LoRA by their logical axis names,
-the safety head replicated, batches split over the data-parallel axes.
+"""Where training batches and train states live on the mesh (parameter placement is ``casa_jax.sharding``):
+batches split over the data-parallel axes, optimizer state beside the parameter it mirrors.
 
 Shardings come from the arrays' logical names (``nn.get_partition_spec`` of an abstract init) mapped by
 the rules table; ``fit_spec`` replicates a dimension an axis does not divide. On a pod each process
@@ -9,36 +9,14 @@ global array.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from casa_jax.model.config import TextConfig
-from casa_jax.model.layers import LORA_COLLECTION
-from casa_jax.model.text_decoder import CausalLM, init_inputs
-from casa_jax.sharding import DEFAULT_RULES, fit_spec, logical_to_sharding
 
 BATCH_AXES = ("data", "fsdp")  # mesh axes the batch dimension is split over
-
-
-def _fitted(logical, abstract, mesh: Mesh, rules) -> Any:
-    shardings = logical_to_sharding(logical, mesh, rules)
-    return jax.tree.map(lambda s, a: NamedSharding(mesh, fit_spec(s.spec, a.shape, mesh)), shardings, abstract)
-
-
-def decoder_shardings(text: TextConfig, mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, Any]:
-    """{"params": ..., "lora": ...} shardings of the decoder's collections (lora only when lora_rank > 0)."""
-    boxed = jax.eval_shape(lambda: CausalLM(text).init(jax.random.key(0), *init_inputs()))
-    specs = nn.get_partition_spec(boxed)
-    return {name: _fitted(specs[name], nn.unbox(boxed[name]), mesh, rules)
-            for name in ("params", LORA_COLLECTION) if name in boxed}
-
-
-def replicated(tree, mesh: Mesh) -> Any:
-    return jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), tree)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -54,23 +32,6 @@ def global_batch(local: Any, mesh: Mesh) -> Any:
     """This process's rows of a batch (NumPy pytree) -> global jax.Arrays split over the data axes."""
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), local)
-
-
-def place(tree, shardings) -> Any:
-    return jax.tree.map(lambda x, s: jax.device_put(x, s), tree, shardings)
-
-
-def rules_from_config(pairs: Sequence[Sequence[Any]] | None) -> tuple:
-    """A config's ``logical_axis_rules`` (pairs of logical name, mesh axis / tuple / None) as a rules table."""
-    if not pairs:
-        return DEFAULT_RULES
-    out = []
-    for pair in pairs:
-        if len(pair) != 2:
-            raise ValueError(f"logical_axis_rules entry {pair!r} must be (logical_name, mesh_axes)")
-        name, axes = pair
-        out.append((str(name), tuple(axes) if isinstance(axes, (list, tuple)) else axes))
-    return tuple(out)
 
 
 def _dict_keys(path) -> tuple[str, ...]:

@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -36,11 +37,10 @@ from casa_jax.casa.safety_tokens import add_safety_tokens
 from casa_jax.train.step import OptimConfig, init_state, make_eval_fn, make_optimizer, make_train_step
 from casa_jax.model.config import ConfigError
 from casa_jax.model.layers import LORA_COLLECTION
-from casa_jax.sharding import make_mesh
+from casa_jax.sharding import decoder_shardings, make_mesh, place, replicated, rules_context, rules_from_config
 from casa_jax.train.checkpointing import TrainCheckpoints, abstract_like
 from casa_jax.train.streams import ExampleStream, GrainStream
-from casa_jax.train.placement import (batch_sharding, data_parallel_size, decoder_shardings, global_batch, place,
-                                         replicated, rules_from_config, state_shardings)
+from casa_jax.train.placement import batch_sharding, data_parallel_size, global_batch, state_shardings
 from casa_jax.train.workdir import CHECKPOINT_DIR, CHECKPOINTS_DIR, WorkdirLock, check_resume, write_config
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def _base(config):
         spec = tiny.tiny_spec()
         return spec, tiny.random_params(spec.text), {}, tiny.build_tokenizer(spec.text.vocab_size), None
     from casa_jax.io.orbax_io import sidecar_dir
-    from casa_jax.infer.chat import load_tokenizer
+    from casa_jax.io.trained import load_tokenizer
     base = load_trained(config.base)
     if base.objective is not None:
         raise ConfigError(f"--config.base={config.base} is already trained ({base.objective}); start from a "
@@ -172,21 +172,24 @@ def _examples(config, casa_cfg, spec, params, tokenizer, workdir: str, write: bo
 
 
 def _greedy_answers(spec, params, tokenizer, max_new_tokens: int):
-    from casa_jax.model.text_decoder import CausalLM
-    from casa_jax.infer.decode import Sampler
+    """``answer(prompts, safety_prompt)``: the base model's greedy replies, through the same Engine and
+    decode loop evaluation uses (EOS is the tokenizer's own end token, as the targets need)."""
+    from casa_jax.infer.engine import engine_from_parts
+
+    engine = engine_from_parts(spec, params, tokenizer, name="base")
+    sampler = engine.decoder(eos_ids=(tokenizer.eos_token_id,))
 
     def answer(prompts, safety_prompt: bool = False):
-        sampler = Sampler(CausalLM(spec.text), eos_ids=(tokenizer.eos_token_id,), pad_id=tokenizer.pad_token_id or 0)
         ids = [render_prompt(tokenizer, p, safety_prompt) for p in prompts]
         out = []
         for i in tqdm(range(0, len(ids), 16), desc="self answers", unit="batch"):
-            out += sampler.generate(params, ids[i:i + 16], max_new_tokens)
+            out += [g.tokens for g in sampler.generate(engine.weights, ids[i:i + 16], max_new_tokens)]
         # the sampler cuts at (and drops) the end-of-turn token: a full-length reply did not end by itself
         return [Answer(tokenizer.decode(t, skip_special_tokens=True), len(t) < max_new_tokens) for t in out]
     return answer
 
 
-def _check_lengths(tokenizer, examples, max_length: int, safety_prompt: bool) -> None:
+def check_lengths(tokenizer, examples, max_length: int, safety_prompt: bool) -> None:
     """Fail before training, naming the longest prompt, when prompts cannot fit ``max_length``."""
     longest, prompt = max((len(render_prompt(tokenizer, e.prompt, safety_prompt)), e.prompt) for e in examples)
     if longest + 2 > max_length:  # + safety token + at least one target token
@@ -236,38 +239,67 @@ def train(config, workdir: str, progress: bool = True, allow_config_change: bool
         return _train(config, workdir, progress, allow_config_change)
 
 
-def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> dict:
-    objective = config.objective
-    parts = trainable_parts(objective)
-    writer_process = jax.process_index() == 0  # one process writes config, metrics and TensorBoard
-    config_json = config.to_json_best_effort(indent=2)
-    changes = check_resume(workdir, config_json, allow_config_change)
-    casa_cfg = CasaConfig.from_dict(config.casa.to_dict())
-    spec, params, encoders, tokenizer, sidecar = _base(config)
+@dataclasses.dataclass
+class Base:
+    """The model to fine-tune, with the safety tokens added for CASA."""
 
+    spec: Any
+    params: Any
+    encoders: Any
+    tokenizer: Any
+    sidecar: str | None
+    ids: Any = None  # SafetyTokenIds (CASA)
+    unsafe_query: Any = None  # [E] frozen unsafe-token embedding (CASA)
+
+
+def load_base(config, casa_cfg: CasaConfig) -> Base:
+    """The base checkpoint (or the embedded tiny model), its text config given the run's LoRA, dtype and
+    remat settings, and (CASA) the safety tokens."""
+    spec, params, encoders, tokenizer, sidecar = _base(config)
     ids = unsafe_query = None
-    if objective == "casa":
+    if config.objective == "casa":
         tokenizer, params, spec, ids, unsafe_query = add_safety_tokens(tokenizer, params, spec, casa_cfg)
     lora = config.lora
     text = spec.text.replace(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                              lora_targets=tuple(lora.targets), dtype=config.dtype, param_dtype="float32",
                              remat_policy=config.remat_policy)
     spec = spec.__class__(text=text, model_type=spec.model_type, hf_config=spec.hf_config)
+    return Base(spec, params, encoders, tokenizer, sidecar, ids, unsafe_query)
 
-    data = config.data
-    train_examples, heldout = _examples(config, casa_cfg, spec, params, tokenizer, workdir, writer_process)
-    _check_lengths(tokenizer, train_examples + heldout, data.max_length, casa_cfg.safety_prompt)
 
+@dataclasses.dataclass
+class Run:
+    """Everything the loop needs, placed on the mesh: the jitted step and eval, the state, the frozen
+    arrays, and the rules context they run under."""
+
+    mesh: Any
+    rules: tuple
+    setup: ObjectiveSetup
+    state: Any
+    frozen: Any
+    step_fn: Any
+    eval_fn: Any
+    batch_size: int
+
+    def context(self):
+        return rules_context(self.mesh, self.rules)
+
+
+def build_run(config, base: Base, casa_cfg: CasaConfig) -> Run:
+    """Trainable parts (LoRA, the CASA safety head), optimizer, mesh placement (frozen params and LoRA by
+    their logical axes, the safety head replicated, batches over the data-parallel axes) and the jitted
+    step, all under the logical-axis rules."""
+    objective, text = config.objective, base.spec.text
     key = jax.random.key(config.seed)
     trainable = {"lora": init_lora(text, jax.random.fold_in(key, 1))}
-    frozen = {"params": params}
+    frozen = {"params": base.params}
     if objective == "casa":
         dummy = np.zeros((1, 2, text.hidden_size), np.float32)
         trainable["safety"] = nn.unbox(SafetyAttention(casa_cfg).init(
-            jax.random.fold_in(key, 2), unsafe_query, dummy, np.ones((1, 2), bool))["params"])
-        frozen["unsafe_query"] = unsafe_query
-    assert set(trainable) == set(parts)
-    setup = ObjectiveSetup(text=text, casa=casa_cfg, ids=ids,
+            jax.random.fold_in(key, 2), base.unsafe_query, dummy, np.ones((1, 2), bool))["params"])
+        frozen["unsafe_query"] = base.unsafe_query
+    assert set(trainable) == set(trainable_parts(objective))
+    setup = ObjectiveSetup(text=text, casa=casa_cfg, ids=base.ids,
                            circuit_breaker=CircuitBreakerConfig(tuple(config.circuit_breaker.layers),
                                                                 config.circuit_breaker.alpha,
                                                                 config.circuit_breaker.retain_norm))
@@ -276,9 +308,6 @@ def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> d
                         warmup_steps=config.warmup_steps, total_steps=steps, weight_decay=config.weight_decay,
                         grad_clip=config.grad_clip)
     optimizer = make_optimizer(optim, trainable)
-
-    # Placement: frozen params and LoRA by their logical axes, the safety head replicated, batches over
-    # the data-parallel axes.
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
     rules = rules_from_config(config.logical_axis_rules)
     decoder_sh = decoder_shardings(text, mesh, rules)
@@ -286,35 +315,53 @@ def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> d
     frozen_sh = {"params": decoder_sh["params"]}
     if objective == "casa":
         trainable_sh["safety"] = replicated(trainable["safety"], mesh)
-        frozen_sh["unsafe_query"] = replicated(unsafe_query, mesh)
-    frozen = place(frozen, frozen_sh)
+        frozen_sh["unsafe_query"] = replicated(base.unsafe_query, mesh)
     init = lambda t: init_state(t, optimizer)  # noqa: E731
-    state_sh = state_shardings(jax.eval_shape(init, trainable), trainable_sh, mesh)
-    state = jax.jit(init, out_shardings=state_sh)(place(trainable, trainable_sh))
-    batch_size = _global_batch_size(config, mesh)
+    with rules_context(mesh, rules):
+        state_sh = state_shardings(jax.eval_shape(init, trainable), trainable_sh, mesh)
+        state = jax.jit(init, out_shardings=state_sh)(place(trainable, trainable_sh))
     step_fn = make_train_step(objective, setup, optimizer, steps, accum_steps=config.grad_accum_steps,
                               shardings=(state_sh, frozen_sh, batch_sharding(mesh)))
-    eval_fn = make_eval_fn(objective, setup)
-    batch_ids = ids if objective == "casa" else None
-    heldout_batch = build_batch(tokenizer, heldout, data.max_length, batch_ids, casa_cfg.safety_prompt)
+    return Run(mesh, rules, setup, state, place(frozen, frozen_sh), step_fn, make_eval_fn(objective, setup),
+               _global_batch_size(config, mesh))
+
+
+def make_stream(config, examples, batch_size: int):
+    """This process's shard of the shuffled training examples, resumable."""
+    data = config.data
     if data.source == "memory":
-        stream = ExampleStream(train_examples, batch_size, config.seed, jax.process_index(), jax.process_count())
-    elif data.source == "tfds":
-        stream = GrainStream(train_examples, batch_size, config.seed, data.tfds_data_dir, jax.process_index(),
-                             jax.process_count())
-    else:
-        raise ConfigError(f"--config.data.source={data.source!r}; expected 'memory' or 'tfds'")
+        return ExampleStream(examples, batch_size, config.seed, jax.process_index(), jax.process_count())
+    if data.source == "tfds":
+        return GrainStream(examples, batch_size, config.seed, data.tfds_data_dir, jax.process_index(),
+                           jax.process_count())
+    raise ConfigError(f"--config.data.source={data.source!r}; expected 'memory' or 'tfds'")
+
+
+def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> dict:
+    """The loop: load, build data, place, resume, step, log, checkpoint; then calibrate and save once."""
+    objective, data, steps = config.objective, config.data, int(config.num_train_steps)
+    writer_process = jax.process_index() == 0  # one process writes config, metrics and TensorBoard
+    config_json = config.to_json_best_effort(indent=2)
+    changes = check_resume(workdir, config_json, allow_config_change)
+    casa_cfg = CasaConfig.from_dict(config.casa.to_dict())
+    base = load_base(config, casa_cfg)
+    tokenizer, batch_ids = base.tokenizer, base.ids  # safety-token ids label CASA batches only
+    train_examples, heldout = _examples(config, casa_cfg, base.spec, base.params, tokenizer, workdir, writer_process)
+    check_lengths(tokenizer, train_examples + heldout, data.max_length, casa_cfg.safety_prompt)
+    run = build_run(config, base, casa_cfg)
+    heldout_batch = build_batch(tokenizer, heldout, data.max_length, batch_ids, casa_cfg.safety_prompt)
+    stream = make_stream(config, train_examples, run.batch_size)
 
     checkpoints = TrainCheckpoints(os.path.join(workdir, CHECKPOINTS_DIR), config.checkpoint_every_steps,
                                    config.keep_checkpoints)
+    state, key = run.state, jax.random.key(config.seed)
     start = checkpoints.latest_step() or 0
     if start > steps:
         checkpoints.close()
         raise ConfigError(f"{workdir} holds a run trained to step {start}, more than --config.num_train_steps={steps}; "
                           "it would serve that model unchanged: use a new --workdir for a shorter run")
     if start:
-        restored, data_state = checkpoints.restore(start, abstract_like(state))
-        state = restored
+        state, data_state = checkpoints.restore(start, abstract_like(state))
         stream.restore(data_state["stream"])
         key = jax.random.wrap_key_data(np.asarray(data_state["rng"], np.uint32))
         log.info("resumed from step %d (%s)", start, checkpoints.directory)
@@ -329,11 +376,12 @@ def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> d
     t0 = time.time()
     writer = _tensorboard(workdir)
     try:
-        with open(metrics_path if writer_process else os.devnull, "a") as metrics_file, tqdm(total=steps, initial=start, desc=f"train {objective}",
-                                                            unit="step", disable=not (progress and writer_process)) as bar:
+        with open(metrics_path if writer_process else os.devnull, "a") as metrics_file, run.context(), \
+                tqdm(total=steps, initial=start, desc=f"train {objective}", unit="step",
+                     disable=not (progress and writer_process)) as bar:
             for step in range(start + 1, steps + 1):
                 local = build_batch(tokenizer, stream.next(), data.max_length, batch_ids, casa_cfg.safety_prompt)
-                state, metrics = step_fn(state, frozen, global_batch(local, mesh), key)
+                state, metrics = run.step_fn(state, run.frozen, global_batch(local, run.mesh), key)
                 loss = float(metrics["loss"])
                 if not np.isfinite(loss):
                     raise FloatingPointError(
@@ -347,16 +395,11 @@ def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> d
                               "elapsed_s": round(time.time() - t0, 2)}
                     bar.set_postfix(loss=f"{loss:.3f}")
                 if step % config.eval_every_steps == 0 or step == steps:
-                    held = eval_fn(state.trainable, frozen, heldout_batch)
+                    held = run.eval_fn(state.trainable, run.frozen, heldout_batch)
                     record = {**(record or {"step": step, "loss": loss}),
                               **{f"eval_{k}": float(v) for k, v in held.items()}}
                 if record:
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
-                    if writer:
-                        for k, v in record.items():
-                            if k != "step" and isinstance(v, float):
-                                writer.add_scalar(k, v, step)
+                    _log_record(metrics_file, writer, record)
                     final = record
                 data_state = {"stream": stream.state(), "rng": np.asarray(jax.random.key_data(key)).tolist()}
                 stop = preempted.value  # read once: a signal landing during save() is handled next step
@@ -377,38 +420,52 @@ def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> d
     trained = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.trainable, tiled=True))
     if jax.process_index() != 0:  # one writer for the final model
         return final
-    model = TrainedModel(spec=spec, params=params, encoders=encoders, objective=objective,
-                         lora=trained["lora"], casa=casa_cfg if ids else None,
-                         ids=ids, safety=trained.get("safety"), unsafe_query=unsafe_query,
-                         meta_circuit_breaker={"layers": list(setup.circuit_breaker.resolved_layers(text.num_hidden_layers)),
-                                               "alpha": setup.circuit_breaker.alpha,
-                                               "retain_norm": setup.circuit_breaker.retain_norm} if objective == "circuit_breaker" else None)
-    out_dir = os.path.join(workdir, CHECKPOINT_DIR)
-    save_trained(out_dir, model, tokenizer, sidecar_from=sidecar, overwrite=True)
+    model = trained_model(config, base, casa_cfg, run.setup, trained)
     if objective == "casa" and config.get("calibrate_threshold"):
-        threshold, balanced = _calibrate(out_dir, heldout, data.max_length)
-        model = dataclasses.replace(model, casa=dataclasses.replace(casa_cfg, threshold=threshold))
-        save_trained(out_dir, model, tokenizer, sidecar_from=sidecar, overwrite=True)
-        record = {"step": steps, "calibrated_threshold": threshold, "calibration_balanced_accuracy": balanced}
+        model, record = calibrate(model, tokenizer, heldout, steps)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
         final = {**final, **record}
-        log.info("safety threshold calibrated on %d held-out prompts: p_unsafe >= %.4f (balanced accuracy %.3f)",
-                 len(heldout), threshold, balanced)
+    out_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    save_trained(out_dir, model, tokenizer, sidecar_from=base.sidecar, overwrite=True)
     log.info("saved %s", out_dir)
     return final
 
 
-def _calibrate(ckpt_dir: str, heldout, max_length: int) -> tuple[float, float]:
-    """The balanced-accuracy threshold on the held-out (validation) prompts, through the same conditional
-    sampler evaluation uses; returns (threshold, balanced accuracy at it)."""
+def _log_record(metrics_file, writer, record: dict) -> None:
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+    if writer:
+        for k, v in record.items():
+            if k != "step" and isinstance(v, float):
+                writer.add_scalar(k, v, record["step"])
+
+
+def trained_model(config, base: Base, casa_cfg: CasaConfig, setup: ObjectiveSetup, trained: dict) -> TrainedModel:
+    """The final model: the frozen base plus what was trained, and what serving needs to know of it."""
+    objective = config.objective
+    cb = setup.circuit_breaker
+    return TrainedModel(spec=base.spec, params=base.params, encoders=base.encoders, objective=objective,
+                        lora=trained["lora"], casa=casa_cfg if base.ids else None,
+                        ids=base.ids, safety=trained.get("safety"), unsafe_query=base.unsafe_query,
+                        meta_circuit_breaker={"layers": list(cb.resolved_layers(base.spec.text.num_hidden_layers)),
+                                              "alpha": cb.alpha, "retain_norm": cb.retain_norm}
+                        if objective == "circuit_breaker" else None)
+
+
+def calibrate(model: TrainedModel, tokenizer, heldout, step: int) -> tuple[TrainedModel, dict]:
+    """The balanced-accuracy threshold on the held-out (validation) prompts, through the same Engine and
+    decode loop evaluation uses; returns the model carrying it and the metrics record."""
     from casa_jax.casa.calibration import balanced_threshold
-    from casa_jax.infer.chat import chat_replies, clear_cache
-    clear_cache()
-    replies = chat_replies(ckpt_dir, [e.prompt for e in heldout], max_new_tokens=1)
-    clear_cache()
+    from casa_jax.infer.chat import chat_replies
+    from casa_jax.infer.engine import Engine
+    replies = chat_replies(Engine(model, tokenizer, name="calibration"), [e.prompt for e in heldout],
+                           max_new_tokens=1)
     harmful = [r.p_unsafe for r, e in zip(replies, heldout) if e.harmful]
     benign = [r.p_unsafe for r, e in zip(replies, heldout) if not e.harmful]
     threshold = balanced_threshold(harmful, benign)
-    balanced = (np.mean(np.asarray(harmful) >= threshold) + np.mean(np.asarray(benign) < threshold)) / 2
-    return threshold, float(balanced)
+    balanced = float((np.mean(np.asarray(harmful) >= threshold) + np.mean(np.asarray(benign) < threshold)) / 2)
+    log.info("safety threshold calibrated on %d held-out prompts: p_unsafe >= %.4f (balanced accuracy %.3f)",
+             len(heldout), threshold, balanced)
+    model = dataclasses.replace(model, casa=dataclasses.replace(model.casa, threshold=threshold))
+    return model, {"step": step, "calibrated_threshold": threshold, "calibration_balanced_accuracy": balanced}

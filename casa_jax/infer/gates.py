@@ -1,0 +1,146 @@
+"""Gates: what the decode loop does at step 0, between the prompt's prefill and ordinary decoding.
+
+``NoGate`` passes the prefill's last logits on (plain, LoRA and Circuit-Breaker models). ``CasaGate`` is
+CASA's safety step: the safety attention turns the prompt's hidden states into v_s, every token but the
+two safety tokens is masked and their logits re-weighted by v_s; the decision is the argmax, or
+``p_unsafe >= threshold`` when a threshold is set, per row. The chosen safety token (and an optional
+attacker-controlled assistant prefill after it) is written into the KV cache in one chunk. After
+``unsafe`` the model writes its own learned refusal, or, in ``template`` mode, the row stops and the
+fixed refusal is returned.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from casa_jax.casa.config import CasaConfig
+from casa_jax.casa.safety_attention import SafetyAttention, safety_step_logits, v_s_from_logit
+from casa_jax.casa.safety_tokens import SafetyTokenIds
+from casa_jax.infer.decode import right_aligned
+
+
+@flax.struct.dataclass
+class Opened:
+    """What a gate hands the decode loop."""
+
+    logits: jax.Array  # [B, V] logits of the first decoded token
+    cache: Any  # KVCache after the prompt (and the gate's chunk)
+    positions: jax.Array  # [B] position of the first decoded token
+    done: jax.Array  # [B] bool: rows that decode nothing
+    decision: Any = None  # the gate's per-row outputs (a SafetyDecision), or None
+
+
+@dataclasses.dataclass(frozen=True)
+class NoGate:
+    """Step 0 is an ordinary step. A text prompt's attacker prefill is part of its prefill; a media prompt's
+    is written as a chunk after the thinker's prefill."""
+
+    hidden_layers: tuple[int, ...] = ()
+    prefill_in_prompt: bool = True
+
+    def chunk(self, prefills: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        return right_aligned(prefills, pad_id)
+
+    def open(self, decoder, weights, out, prompt_mask, next_positions, chunk_ids, chunk_mask) -> Opened:
+        del prompt_mask
+        batch = chunk_ids.shape[0]
+        done = jnp.zeros((batch,), bool)
+        if chunk_ids.shape[1] == 0:
+            return Opened(out.logits[:, -1], out.cache, next_positions, done)
+        written = chunk_mask.sum(-1)
+        positions = next_positions[:, None] + jnp.cumsum(chunk_mask, axis=-1) - 1
+        step = decoder.apply(weights.variables(), chunk_ids, positions, chunk_mask, cache=out.cache)
+        logits = jnp.where((written > 0)[:, None], step.logits[:, -1], out.logits[:, -1])
+        return Opened(logits, step.cache, next_positions + written, done)
+
+    def rows(self, decision, batch: int) -> list:
+        del decision
+        return [None] * batch
+
+    def drops_tokens(self, row) -> bool:
+        del row
+        return False
+
+
+@flax.struct.dataclass
+class SafetyDecision:
+    unsafe: jax.Array  # [B] bool
+    v_s: jax.Array  # [B]
+    p_safe: jax.Array  # [B]
+    p_unsafe: jax.Array  # [B]
+
+
+@dataclasses.dataclass(frozen=True)
+class RowDecision:
+    """One row's safety decision (host side)."""
+
+    unsafe: bool
+    v_s: float
+    p_safe: float
+    p_unsafe: float
+
+    @property
+    def verdict(self) -> str:
+        return "unsafe" if self.unsafe else "safe"
+
+
+@dataclasses.dataclass(frozen=True)
+class CasaGate:
+    """CASA's safety step at step 0 (see the module docstring)."""
+
+    casa: CasaConfig
+    ids: SafetyTokenIds
+    prefill_in_prompt: bool = False  # the attacker prefill goes after the safety token
+
+    @property
+    def hidden_layers(self) -> tuple[int, ...]:
+        return () if self.casa.hidden_layer < 0 else (self.casa.hidden_layer,)
+
+    @property
+    def template(self) -> bool:
+        return self.casa.refusal_mode == "template"
+
+    def safety_step(self, weights, out, prompt_mask) -> tuple[jax.Array, jax.Array]:
+        """Prefill output -> (full-vocabulary step-0 logits [B, V] with only the safety tokens finite, v_s [B])."""
+        hidden = out.final_hidden if self.casa.hidden_layer < 0 else out.hidden_states[0]
+        v_logit = SafetyAttention(self.casa).apply({"params": weights.safety}, weights.unsafe_query, hidden,
+                                                   prompt_mask.astype(bool))
+        step = safety_step_logits(out.logits[:, -1], v_logit, self.ids.safe, self.ids.unsafe, self.casa.scaling)
+        return step, v_s_from_logit(v_logit)
+
+    def decide(self, step_logits: jax.Array, v_s: jax.Array) -> SafetyDecision:
+        probs = jax.nn.softmax(step_logits, axis=-1)
+        p_safe, p_unsafe = probs[:, self.ids.safe], probs[:, self.ids.unsafe]
+        unsafe = p_unsafe >= self.casa.threshold if self.casa.threshold is not None else p_unsafe > p_safe
+        return SafetyDecision(unsafe=unsafe, v_s=v_s, p_safe=p_safe, p_unsafe=p_unsafe)
+
+    def chunk(self, prefills: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+        # one placeholder column per row for the safety token, chosen on device
+        return right_aligned([[pad_id] + list(p) for p in prefills], pad_id)
+
+    def open(self, decoder, weights, out, prompt_mask, next_positions, chunk_ids, chunk_mask) -> Opened:
+        batch = chunk_ids.shape[0]
+        decision = self.decide(*self.safety_step(weights, out, prompt_mask))
+        token = jnp.where(decision.unsafe, self.ids.unsafe, self.ids.safe).astype(jnp.int32)
+        # The chunk is [pads, safety token, attacker prefill], right-aligned: its safety column is the
+        # first real one of each row.
+        safety_col = jnp.argmax(chunk_mask, axis=-1)
+        chunk = chunk_ids.at[jnp.arange(batch), safety_col].set(token)
+        chunk_positions = next_positions[:, None] + jnp.cumsum(chunk_mask, axis=-1) - 1
+        step = decoder.apply(weights.variables(), chunk, chunk_positions, chunk_mask, cache=out.cache)
+        done = decision.unsafe if self.template else jnp.zeros((batch,), bool)
+        return Opened(step.logits[:, -1], step.cache, next_positions + chunk_mask.sum(-1), done, decision)
+
+    def rows(self, decision: SafetyDecision, batch: int) -> list[RowDecision]:
+        d = jax.tree.map(np.asarray, decision)
+        return [RowDecision(bool(d.unsafe[i]), float(d.v_s[i]), float(d.p_safe[i]), float(d.p_unsafe[i]))
+                for i in range(batch)]
+
+    def drops_tokens(self, row: RowDecision) -> bool:
+        return self.template and row.unsafe
