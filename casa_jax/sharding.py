@@ -87,11 +87,12 @@ def param_shardings(module: nn.Module, mesh: Mesh, *init_args, rules=DEFAULT_RUL
                         shardings, nn.unbox(abstract["params"]))
 
 
-def decoder_shardings(text, mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, Any]:
-    """{"params": ..., "lora": ...} shardings of a decoder's collections (lora only when lora_rank > 0)."""
-    from casa_jax.model.layers import LORA_COLLECTION
+def decoder_shardings(text, mesh: Mesh, rules=DEFAULT_RULES, lora=None) -> dict[str, Any]:
+    """{"params": ..., "lora": ...} shardings of a decoder's collections (lora only with a ``LoraSpec``
+    of rank > 0)."""
+    from casa_jax.model.layers import LORA_COLLECTION, LoraSpec
     from casa_jax.model.text_decoder import CausalLM, init_inputs
-    boxed = jax.eval_shape(lambda: CausalLM(text).init(jax.random.key(0), *init_inputs()))
+    boxed = jax.eval_shape(lambda: CausalLM(text, lora or LoraSpec()).init(jax.random.key(0), *init_inputs()))
     specs = nn.get_partition_spec(boxed)
     return {name: _fitted(specs[name], nn.unbox(boxed[name]), mesh, rules)
             for name in ("params", LORA_COLLECTION) if name in boxed}

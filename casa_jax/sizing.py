@@ -20,6 +20,7 @@ from absl import app, flags
 from casa_jax.cli import define_config_file, run
 from casa_jax.model.config import TextConfig
 from casa_jax.model.encoder_config import AudioConfig, VisionConfig
+from casa_jax.model.layers import LoraSpec
 from casa_jax.model.text_decoder import CausalLM, init_inputs
 from casa_jax.model.thinker import init_encoders
 from casa_jax.sharding import DEFAULT_RULES, fit_spec
@@ -40,8 +41,8 @@ def configs_from(config) -> tuple[TextConfig, VisionConfig | None, AudioConfig |
 
 
 def _abstract(text, vision, audio, lora_rank: int = 0) -> dict[str, Any]:
-    text = text.replace(lora_rank=lora_rank) if lora_rank else text
-    out = {"decoder": jax.eval_shape(lambda: CausalLM(text).init(jax.random.key(0), *init_inputs()))}
+    lora = LoraSpec(rank=lora_rank) if lora_rank else LoraSpec()
+    out = {"decoder": jax.eval_shape(lambda: CausalLM(text, lora).init(jax.random.key(0), *init_inputs()))}
     if vision is not None and audio is not None:
         encoders = jax.eval_shape(lambda: init_encoders(vision, audio, jax.random.key(0), unbox=False))
         out["vision"], out["audio"] = {"params": encoders["visual"]}, {"params": encoders["audio_tower"]}

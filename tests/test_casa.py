@@ -11,6 +11,7 @@ import pytest
 from casa_jax import tiny
 from casa_jax.casa.config import CasaConfig
 from casa_jax.casa.examples import Example, build_batch, render_prompt
+from casa_jax.model.layers import LoraSpec
 from casa_jax.peft.lora import init_lora, merge_lora, unmerge_lora
 from casa_jax.casa.objectives import LOSSES, ObjectiveSetup
 from casa_jax.casa.safety_attention import SafetyAttention, v_s_from_logit
@@ -34,15 +35,16 @@ def casa_model():
     cfg = CasaConfig()
     base_embed = params["embed_tokens"]["embedding"].copy()
     tokenizer, params, spec, ids, query = add_safety_tokens(tokenizer, params, spec, cfg)
-    text = spec.text.replace(lora_rank=4, lora_targets=("q_proj", "v_proj", "down_proj"))
+    text = spec.text
+    lspec = LoraSpec(4, targets=("q_proj", "v_proj", "down_proj"))
     lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape),
-                        init_lora(text, jax.random.key(1)))
+                        init_lora(text, lspec, jax.random.key(1)))
     safety = nn.unbox(SafetyAttention(cfg).init(jax.random.key(2), query, np.zeros((1, 2, text.hidden_size)),
                                                 np.ones((1, 2), bool))["params"])
     weights = Weights(params=params, lora=lora, safety=safety, unsafe_query=query)
     eos = (tokenizer.convert_tokens_to_ids("<|im_end|>"),)
-    return dict(spec=spec, text=text, tokenizer=tokenizer, cfg=cfg, ids=ids, weights=weights, eos=eos,
-                base_embed=base_embed, sampler=Decoder(text, gate=CasaGate(cfg, ids), eos_ids=eos))
+    return dict(spec=spec, text=text, tokenizer=tokenizer, cfg=cfg, ids=ids, weights=weights, eos=eos, lspec=lspec,
+                base_embed=base_embed, sampler=Decoder(text, gate=CasaGate(cfg, ids), eos_ids=eos, lora=lspec))
 
 
 def _prompt_ids(m, prompts=PROMPTS):
@@ -131,7 +133,7 @@ def test_forced_unsafe_rows_get_the_unsafe_token_and_no_safety_loss(casa_model):
     batch = build_batch(tok, rows + [forced], 64, ids)
     assert np.asarray(batch.input_ids)[2, int(batch.safety_index[2])] == ids.unsafe
     assert list(np.asarray(batch.safety_weight)) == [1.0, 1.0, 0.0] and int(batch.label[2]) == 0
-    setup = ObjectiveSetup(text=m["text"], casa=m["cfg"], ids=ids)
+    setup = ObjectiveSetup(text=m["text"], casa=m["cfg"], ids=ids, lora=m["lspec"])
     trainable, frozen = {"lora": w.lora, "safety": w.safety}, {"params": w.params, "unsafe_query": w.unsafe_query}
     safety = lambda b: float(LOSSES["casa"](setup, trainable, frozen, b, None, 0.0)[1]["safety_loss"])  # noqa: E731
     assert safety(batch) == pytest.approx(safety(build_batch(tok, rows, 64, ids)), rel=1e-5)
@@ -158,7 +160,7 @@ def test_safety_attention_stop_gradient_and_trainable_grads(casa_model):
         assert float(jnp.abs(g).max()) == 0.0  # nothing flows back into the prompt states
         moved = SafetyAttention(cfg).apply(params, w.unsafe_query, hidden.at[0, 4].add(100.0), mask)
         assert float(moved[0]) == pytest.approx(float(z[0]))  # masked positions are ignored
-    setup = ObjectiveSetup(text=m["text"], casa=m["cfg"], ids=m["ids"])
+    setup = ObjectiveSetup(text=m["text"], casa=m["cfg"], ids=m["ids"], lora=m["lspec"])
     batch = build_batch(m["tokenizer"], [Example("Hi there", True, "No."), Example("Hello", False, "Sure.")], 64,
                         m["ids"])
     trainable = {"lora": w.lora, "safety": w.safety}
@@ -173,14 +175,14 @@ def test_lora_merged_equals_unmerged(casa_model):
     w, text = m["weights"], m["text"]
     ids = jnp.asarray([[5, 6, 7, 8, 9, 10]])
     mask = jnp.ones_like(ids)
-    model = CausalLM(text)
+    model = CausalLM(text, m["lspec"])
     with_lora = model.apply({"params": w.params, "lora": w.lora}, ids, positions_from_mask(mask), mask).logits
-    merged = merge_lora(w.params, w.lora, text)
+    merged = merge_lora(w.params, w.lora, m["lspec"])
     folded = model.apply({"params": merged}, ids, positions_from_mask(mask), mask).logits
     assert float(jnp.abs(with_lora - folded).max()) <= 1e-5
     base = model.apply({"params": w.params}, ids, positions_from_mask(mask), mask).logits
     assert float(jnp.abs(with_lora - base).max()) > 1e-3  # the adapters do something
-    back = unmerge_lora(merged, w.lora, text)
+    back = unmerge_lora(merged, w.lora, m["lspec"])
     for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(w.params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
 
@@ -189,7 +191,7 @@ def test_step0_allows_only_safety_tokens(casa_model):
     m = casa_model
     sampler, w = m["sampler"], m["weights"]
     ids, mask = left_pad(_prompt_ids(m), 64)
-    out = CausalLM(m["text"]).apply(w.variables(), ids, positions_from_mask(mask), mask)
+    out = CausalLM(m["text"], m["lspec"]).apply(w.variables(), ids, positions_from_mask(mask), mask)
     logits, v_s = sampler.gate.safety_step(w, out, mask)
     probs = np.asarray(jax.nn.softmax(logits, axis=-1))
     others = np.delete(probs, [m["ids"].safe, m["ids"].unsafe], axis=1)
@@ -203,7 +205,7 @@ NAIVE_LENGTH = 96
 @pytest.fixture(scope="module")
 def full_forward(casa_model):
     """Uncached forward over a right-padded [1, NAIVE_LENGTH] row (one compile for every length)."""
-    model = CausalLM(casa_model["text"])
+    model = CausalLM(casa_model["text"], casa_model["lspec"])
     return jax.jit(lambda v, ids, mask: model.apply(v, ids, positions_from_mask(mask), mask).logits[0])
 
 
@@ -253,7 +255,7 @@ def test_per_row_decisions_and_threshold(casa_model):
         assert b.unsafe == (b.p_unsafe > b.p_safe)
     p = sorted(o.p_unsafe for o in batch)
     tau = (p[1] + p[2]) / 2  # between rows: exactly two rows at or above it
-    strict = Decoder(m["text"], gate=CasaGate(dataclasses.replace(m["cfg"], threshold=tau), m["ids"]), eos_ids=m["eos"])
+    strict = Decoder(m["text"], gate=CasaGate(dataclasses.replace(m["cfg"], threshold=tau), m["ids"]), eos_ids=m["eos"], lora=m["lspec"])
     decided = strict.generate(m["weights"], prompts, max_new_tokens=3)
     assert [o.unsafe for o in decided] == [o.p_unsafe >= tau for o in batch]
     assert sum(o.unsafe for o in decided) == 2
@@ -261,7 +263,7 @@ def test_per_row_decisions_and_threshold(casa_model):
 
 def test_no_recompilation_inside_a_bucket(casa_model):
     m = casa_model
-    sampler = Decoder(m["text"], gate=CasaGate(m["cfg"], m["ids"]), eos_ids=m["eos"])
+    sampler = Decoder(m["text"], gate=CasaGate(m["cfg"], m["ids"]), eos_ids=m["eos"], lora=m["lspec"])
     base = render_prompt(m["tokenizer"], "Hi")
     bucket = bucket_length(len(base))
     for extra in (0, (bucket - len(base)) // 2, bucket - len(base)):  # every length inside one bucket
@@ -274,7 +276,7 @@ def test_no_recompilation_inside_a_bucket(casa_model):
 def test_template_refusal_mode_stops_unsafe_rows(casa_model):
     m = casa_model
     cfg = dataclasses.replace(m["cfg"], refusal_mode="template", threshold=0.01)  # everything unsafe
-    outs = Decoder(m["text"], gate=CasaGate(cfg, m["ids"]), eos_ids=m["eos"]).generate(m["weights"], _prompt_ids(m)[:2], 4)
+    outs = Decoder(m["text"], gate=CasaGate(cfg, m["ids"]), eos_ids=m["eos"], lora=m["lspec"]).generate(m["weights"], _prompt_ids(m)[:2], 4)
     assert all(o.unsafe and o.tokens == [] for o in outs)
 
 

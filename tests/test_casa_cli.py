@@ -110,7 +110,7 @@ def test_export_keeps_safety_tokens_and_merges_lora(tmp_path):
     model = load_trained(str(workdir / "checkpoint"))
     ids = np.asarray([tok.encode("Hello there, how are you?") + [513]])
     mask = np.ones_like(ids)
-    ours = CausalLM(model.spec.text).apply({"params": model.params, "lora": model.lora}, ids,
+    ours = CausalLM(model.spec.text, model.lora_spec).apply({"params": model.params, "lora": model.lora}, ids,
                                            positions_from_mask(mask), mask).logits
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(ids)).logits.numpy()

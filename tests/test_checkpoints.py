@@ -224,3 +224,32 @@ def test_convert_cli_round_trip_and_errors(dirs, tmp_path):
     assert r.returncode == 2 and "config.json: not found" in r.stderr
     r = run(f"--hf_dir={dirs['hub']}")
     assert r.returncode != 0 and "--out_dir" in r.stderr
+
+
+def test_lora_settings_are_stored_apart_and_legacy_checkpoints_still_load(tmp_path):
+    """A trained checkpoint keeps LoRA's rank/alpha/targets in its own "lora" entry, not in the text
+    config; one written while they were TextConfig fields (lora_* keys in "text_config") loads with the
+    same settings. Negative control: adapters without any LoRA settings are refused."""
+    from casa_jax import tiny
+    from casa_jax.io.trained import TrainedModel, load_trained, save_trained
+    from casa_jax.model.layers import LoraSpec
+    from casa_jax.peft.lora import init_lora
+    spec = tiny.tiny_spec()
+    lspec = LoraSpec(2, alpha=8.0, targets=("q_proj", "up_proj"))
+    model = TrainedModel(spec=spec, params=tiny.random_params(spec.text), encoders={}, objective="ssft",
+                         lora=init_lora(spec.text, lspec, jax.random.key(0)), lora_spec=lspec)
+    ckpt = str(tmp_path / "ckpt")
+    save_trained(ckpt, model, tiny.build_tokenizer(spec.text.vocab_size))
+    meta_path = os.path.join(ckpt, "casa_jax.json")
+    meta = json.load(open(meta_path))
+    assert meta["lora"] == lspec.to_dict() and not any(k.startswith("lora") for k in meta["text_config"])
+    assert load_trained(ckpt).lora_spec == lspec
+    legacy = dict(meta, text_config={**meta["text_config"], "lora_rank": 2, "lora_alpha": 8.0, "lora_dropout": 0.0,
+                                     "lora_targets": ["q_proj", "up_proj"]})
+    del legacy["lora"]
+    json.dump(legacy, open(meta_path, "w"))
+    assert load_trained(ckpt).lora_spec == lspec
+    del legacy["text_config"]["lora_rank"]
+    json.dump(legacy, open(meta_path, "w"))
+    with pytest.raises(CheckpointError, match="no LoRA settings"):
+        load_trained(ckpt)

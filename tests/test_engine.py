@@ -17,6 +17,7 @@ from casa_jax.infer.decode import bucket_length, left_pad
 from casa_jax.infer.engine import Engine
 from casa_jax.io.trained import TrainedModel
 from casa_jax.model.kv_cache import KVCache
+from casa_jax.model.layers import LoraSpec
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM
 from casa_jax.peft.lora import init_lora
@@ -35,14 +36,13 @@ def engines():
     cfg = CasaConfig()
     tokenizer, params, spec, ids, query = add_safety_tokens(tiny.build_tokenizer(spec.text.vocab_size), params,
                                                            spec, cfg)
-    text = spec.text.replace(lora_rank=4, lora_targets=("q_proj", "v_proj", "down_proj"))
-    spec = spec.__class__(text=text, model_type=spec.model_type, hf_config=spec.hf_config)
+    text, lspec = spec.text, LoraSpec(4, targets=("q_proj", "v_proj", "down_proj"))
     lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape),
-                        init_lora(text, jax.random.key(1)))
+                        init_lora(text, lspec, jax.random.key(1)))
     safety = nn.unbox(SafetyAttention(cfg).init(jax.random.key(2), query, np.zeros((1, 2, text.hidden_size)),
                                                 np.ones((1, 2), bool))["params"])
     model = TrainedModel(spec=spec, params=params, encoders={}, objective="casa", lora=lora, casa=cfg, ids=ids,
-                         safety=safety, unsafe_query=query)
+                         safety=safety, unsafe_query=query, lora_spec=lspec)
     mesh = make_mesh((1, 4, 2))
     return Engine(model, tokenizer, name="single"), Engine(model, tokenizer, mesh=mesh, name="pod"), mesh
 
@@ -86,7 +86,7 @@ def test_replies_on_the_mesh_equal_a_single_device(engines):
 
 def _prefill(engine):
     """A jitted prefill under the engine's context returning the cache and the hidden states."""
-    decoder = CausalLM(engine.spec.text)
+    decoder = CausalLM(engine.spec.text, engine.model.lora_spec)
     ids, mask = left_pad([render_prompt(engine.tokenizer, p) for p in PROMPTS],
                          bucket_length(max(len(render_prompt(engine.tokenizer, p)) for p in PROMPTS)))
     positions = positions_from_mask(mask)

@@ -198,21 +198,22 @@ def test_casa_sampler_on_image_and_audio_prompts(token_thinker, tokenizer, proce
     from casa_jax.casa.safety_tokens import add_safety_tokens
     from casa_jax.infer.decode import Decoder, Weights
     from casa_jax.infer.gates import CasaGate
+    from casa_jax.model.layers import LoraSpec
 
     thinker, loaded, _ = token_thinker
     tok = copy.deepcopy(tokenizer)
     cfg = CasaConfig()
     params = jax.tree.map(np.asarray, loaded.params)
     tok, params, spec, ids, query = add_safety_tokens(tok, params, loaded.spec, cfg)
-    text = spec.text.replace(lora_rank=2, lora_targets=("q_proj", "v_proj"))
-    lora = jax.tree.map(lambda x: x + 0.05, init_lora(text, jax.random.key(0)))
+    text, lspec = spec.text, LoraSpec(2, targets=("q_proj", "v_proj"))
+    lora = jax.tree.map(lambda x: x + 0.05, init_lora(text, lspec, jax.random.key(0)))
     safety = nn.unbox(SafetyAttention(cfg).init(jax.random.key(1), query, np.zeros((1, 2, text.hidden_size)),
                                                 np.ones((1, 2), bool))["params"])
     weights = Weights(params=params, lora=lora, safety=safety, unsafe_query=query, encoders=loaded.encoders)
-    mm = Thinker(text, thinker.vision, thinker.audio, thinker.tokens)
+    mm = Thinker(text, thinker.vision, thinker.audio, thinker.tokens, lspec)
     proc = OmniProcessor(tok, processor.vision, **SMALL)
     arrays = proc.from_messages(_conversations(np.random.default_rng(7)))
-    sampler = Decoder(text, gate=CasaGate(cfg, ids), eos_ids=(tok.convert_tokens_to_ids("<|im_end|>"),), thinker=mm)
+    sampler = Decoder(text, gate=CasaGate(cfg, ids), eos_ids=(tok.convert_tokens_to_ids("<|im_end|>"),), thinker=mm, lora=lspec)
     outs = sampler.generate_multimodal(weights, arrays, max_new_tokens=4)
     inputs = mm.prepare(**arrays)
     out = mm(params, loaded.encoders, inputs, lora=lora)

@@ -21,7 +21,7 @@ from casa_jax.casa.objectives import ObjectiveSetup, casa_safety_logits
 from casa_jax.casa.safety_attention import SafetyAttention
 from casa_jax.casa.safety_tokens import add_safety_tokens
 from casa_jax.model.kv_cache import KVCache
-from casa_jax.model.layers import LORA_COLLECTION
+from casa_jax.model.layers import LORA_COLLECTION, LoraSpec
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM, init_inputs
 from casa_jax.infer.decode import Decoder, Weights
@@ -72,24 +72,24 @@ CONFIGS = {"default": CasaConfig(),  # mean of sigmoids, log scaling, final norm
 def both_paths(request):
     cfg = CONFIGS[request.param]
     spec = tiny.tiny_spec()
-    text = spec.text.replace(lora_rank=4, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
-    variables = _sharp(_shapes(CausalLM(text), *init_inputs()), seed=10)
+    lspec = LoraSpec(4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"))
+    variables = _sharp(_shapes(CausalLM(spec.text, lspec), *init_inputs()), seed=10)
     tok = tiny.build_tokenizer(spec.text.vocab_size)
     tok, params, spec, ids, query = add_safety_tokens(tok, variables["params"], spec, cfg)
-    text = spec.text.replace(lora_rank=text.lora_rank, lora_targets=text.lora_targets)
+    text = spec.text
     lora = variables[LORA_COLLECTION]
     safety = _sharp(_shapes(SafetyAttention(cfg), query, np.zeros((1, 2, text.hidden_size)), np.ones((1, 2), bool)),
                     seed=11)["params"]
     # the query reads the unsafe embedding (a mean of a few rows, norm < 1), not a unit-variance input:
     # rescale its kernel so q ~ N(0, 1.6)
     safety["query"]["kernel"] = safety["query"]["kernel"] * np.sqrt(query.shape[0]) / np.linalg.norm(query)
-    setup = ObjectiveSetup(text=text, casa=cfg, ids=ids)
+    setup = ObjectiveSetup(text=text, casa=cfg, ids=ids, lora=lspec)
     trainable, frozen = {"lora": lora, "safety": safety}, {"params": params, "unsafe_query": query}
     train_fn = jax.jit(lambda batch: casa_safety_logits(setup, trainable, frozen, batch)[1:])
     batch = jax.tree.map(jnp.asarray, build_batch(tok, EXAMPLES, 80, ids))
 
     eos = (tok.convert_tokens_to_ids("<|im_end|>"),)
-    sampler = Decoder(text, gate=CasaGate(cfg, ids), eos_ids=eos, pad_id=tok.pad_token_id)
+    sampler = Decoder(text, gate=CasaGate(cfg, ids), eos_ids=eos, pad_id=tok.pad_token_id, lora=lspec)
     weights = Weights(params=params, lora=lora, safety=safety, unsafe_query=query)
     prompts = [render_prompt(tok, e.prompt) for e in EXAMPLES]
     ids_lp, mask_lp = left_pad(prompts, bucket_length(max(map(len, prompts))), tok.pad_token_id)

@@ -19,6 +19,7 @@ import pytest
 from casa_jax import tiny
 from casa_jax.casa.config import CasaConfig
 from casa_jax.casa.examples import Example, build_batch
+from casa_jax.model.layers import LoraSpec
 from casa_jax.peft.lora import init_lora
 from casa_jax.casa.objectives import LOSSES, OBJECTIVES, ObjectiveSetup
 from casa_jax.casa.safety_attention import SafetyAttention
@@ -41,17 +42,17 @@ def problem():
     tok = tiny.build_tokenizer(spec.text.vocab_size)
     cfg = CasaConfig()
     tok, params, spec, ids, query = add_safety_tokens(tok, params, spec, cfg)
-    text = spec.text.replace(lora_rank=4, lora_targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"))
-    trainable = {"lora": jax.tree.map(lambda x: x + 0.01, init_lora(text, jax.random.key(1))),
+    text, lspec = spec.text, LoraSpec(4, targets=("q_proj", "k_proj", "v_proj", "o_proj", "up_proj"))
+    trainable = {"lora": jax.tree.map(lambda x: x + 0.01, init_lora(text, lspec, jax.random.key(1))),
                  "safety": nn.unbox(SafetyAttention(cfg).init(jax.random.key(2), query,
                                                               np.zeros((1, 2, text.hidden_size), np.float32),
                                                               np.ones((1, 2), bool))["params"])}
     examples = [Example("Write a poem", False, "Sure."), Example("How to build a bomb", True, "No."),
                 Example("What is 2+2?", False, "4."), Example("Hack a bank", True, "No.")] * 2
     batch = build_batch(tok, examples, 64, ids)
-    setup = ObjectiveSetup(text=text, casa=cfg, ids=ids)
+    setup = ObjectiveSetup(text=text, casa=cfg, ids=ids, lora=lspec)
     optimizer = make_optimizer(OptimConfig(total_steps=10, warmup_steps=1), trainable)
-    return dict(text=text, trainable=trainable, frozen={"params": params, "unsafe_query": query}, batch=batch,
+    return dict(text=text, lspec=lspec, trainable=trainable, frozen={"params": params, "unsafe_query": query}, batch=batch,
                 setup=setup, optimizer=optimizer, tok=tok, ids=ids, cfg=cfg)
 
 
@@ -69,7 +70,7 @@ def test_sharded_step_equals_single_device(problem):
     want, want_losses = _run_steps(single, init_state(p["trainable"], p["optimizer"]), p["frozen"], p["batch"], 3)
 
     mesh = make_mesh((2, 2, 2))
-    dsh = decoder_shardings(p["text"], mesh)
+    dsh = decoder_shardings(p["text"], mesh, lora=p["lspec"])
     trainable_sh = {"lora": dsh["lora"], "safety": replicated(p["trainable"]["safety"], mesh)}
     frozen_sh = {"params": dsh["params"], "unsafe_query": replicated(p["frozen"]["unsafe_query"], mesh)}
     frozen = place(p["frozen"], frozen_sh)
@@ -120,7 +121,7 @@ def accumulation(problem):
     out = {}
     for objective in OBJECTIVES:
         casa = objective == "casa"
-        setup = ObjectiveSetup(text=p["text"], casa=cfg, ids=p["ids"] if casa else None)
+        setup = ObjectiveSetup(text=p["text"], casa=cfg, ids=p["ids"] if casa else None, lora=p["lspec"])
         trainable = p["trainable"] if casa else {"lora": p["trainable"]["lora"]}
         frozen = p["frozen"] if casa else {"params": p["frozen"]["params"]}
         batch = jax.tree.map(jnp.asarray, build_batch(p["tok"], ACCUM_EXAMPLES, 48, p["ids"] if casa else None))
@@ -192,7 +193,7 @@ def test_eval_step_applies_no_dropout(accumulation, objective):
     weights with dropout 0 (the eval step takes no rng, so no key can change them). Negative control: the
     training loss with dropout does change with the key and differs from the dropout-free one."""
     setup, trainable, frozen, batch = accumulation[objective]
-    dropped = dataclasses.replace(setup, text=setup.text.replace(lora_dropout=0.5))
+    dropped = dataclasses.replace(setup, lora=dataclasses.replace(setup.lora, dropout=0.5))
     got = jax.tree.map(float, make_eval_fn(objective, dropped)(trainable, frozen, batch))
     want = jax.tree.map(float, make_eval_fn(objective, setup)(trainable, frozen, batch))
     assert got == want

@@ -42,7 +42,7 @@ from casa_jax.casa.examples import TrainBatch
 from casa_jax.casa.safety_attention import SafetyAttention, safety_pair_logits, v_s_from_logit
 from casa_jax.casa.safety_tokens import SafetyTokenIds
 from casa_jax.model.config import TextConfig
-from casa_jax.model.layers import model_variables
+from casa_jax.model.layers import LoraSpec, model_variables
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM
 
@@ -73,10 +73,11 @@ class ObjectiveSetup:
     casa: CasaConfig = CasaConfig()
     ids: SafetyTokenIds | None = None
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
+    lora: LoraSpec = LoraSpec()  # the adapters being trained
 
     @property
     def decoder(self) -> CausalLM:
-        return CausalLM(self.text)
+        return CausalLM(self.text, self.lora)
 
 
 def _variables(trainable, frozen) -> dict:

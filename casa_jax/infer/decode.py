@@ -19,7 +19,7 @@ import numpy as np
 
 from casa_jax.model.config import TextConfig
 from casa_jax.model.kv_cache import KVCache
-from casa_jax.model.layers import model_variables
+from casa_jax.model.layers import LoraSpec, model_variables
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM
 from casa_jax.infer.strategies import Greedy
@@ -171,6 +171,7 @@ class Decoder:
     gate: Any = None  # ``gates.NoGate()`` when None
     thinker: Any = None  # a ``Thinker`` for multimodal prompts
     context: Callable[[], Any] = contextlib.nullcontext
+    lora: LoraSpec = LoraSpec()  # the adapters ``Weights.lora`` holds
     traces: dict = dataclasses.field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
@@ -182,7 +183,7 @@ class Decoder:
 
     @property
     def decoder(self) -> CausalLM:
-        return CausalLM(self.text)
+        return CausalLM(self.text, self.lora)
 
     # -- traced ---------------------------------------------------------------------------------------
     def _run_text(self, weights: Weights, ids, mask, chunk_ids, chunk_mask, rng, max_new_tokens: int):

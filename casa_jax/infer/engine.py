@@ -82,7 +82,7 @@ class Engine:
     def _place(self, weights: Weights) -> Weights:
         if self.mesh is None:
             return weights
-        decoder = decoder_shardings(self.spec.text, self.mesh, self.rules)
+        decoder = decoder_shardings(self.spec.text, self.mesh, self.rules, self.model.lora_spec)
         rest = {k: getattr(weights, k) for k in ("encoders", "safety", "unsafe_query")}
         return Weights(params=place(weights.params, decoder["params"]),
                        lora=None if weights.lora is None else place(weights.lora, decoder["lora"]),
@@ -97,7 +97,7 @@ class Engine:
     def thinker(self):
         if self._thinker is None:
             from casa_jax.model.thinker import Thinker
-            self._thinker = Thinker.from_spec(self.spec)
+            self._thinker = Thinker.from_spec(self.spec, self.model.lora_spec)
         return self._thinker
 
     def processor(self):
@@ -122,7 +122,8 @@ class Engine:
         key = (strategy, gate, media, eos_ids)
         if key not in self._decoders:
             self._decoders[key] = Decoder(self.spec.text, eos_ids, self.pad_id, strategy, gate,
-                                          thinker=self.thinker if media else None, context=self.context)
+                                          thinker=self.thinker if media else None, context=self.context,
+                                          lora=self.model.lora_spec)
         return self._decoders[key]
 
     def hidden_states(self, layers: tuple[int, ...], *inputs, lora: bool = True, media: bool = False):
@@ -145,7 +146,7 @@ def _hidden_states_fn(engine: Engine, layers: tuple[int, ...], media: bool):
         return run
     from casa_jax.model.layers import model_variables
     from casa_jax.model.text_decoder import CausalLM
-    decoder = CausalLM(engine.spec.text)
+    decoder = CausalLM(engine.spec.text, engine.model.lora_spec)
 
     def run(params, encoders, lora, ids, positions, mask):
         del encoders

@@ -54,10 +54,11 @@ def ckpt_to_hf(ckpt_dir: str, export_hf_dir: str, max_shard_bytes: int, overwrit
     loaded = restore_checkpoint(ckpt_dir)
     params = loaded.params
     if "lora" in loaded.extra:
+        from casa_jax.model.layers import LoraSpec
         from casa_jax.peft.lora import merge_lora
-        params = merge_lora(params, loaded.extra["lora"], loaded.spec.text)
-        log.info("%s: merged the LoRA adapters (rank %d) into the exported weights", ckpt_dir,
-                 loaded.spec.text.lora_rank)
+        spec = LoraSpec.from_dict(loaded.meta["lora"])
+        params = merge_lora(params, loaded.extra["lora"], spec)
+        log.info("%s: merged the LoRA adapters (rank %d) into the exported weights", ckpt_dir, spec.rank)
     if "safety" in loaded.extra:
         log.warning("%s: the CASA safety head (v_s) is not part of a Hugging Face export; transformers will "
                     "predict the safety token from the LM head alone", ckpt_dir)

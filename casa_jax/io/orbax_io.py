@@ -76,11 +76,22 @@ def read_meta(ckpt_dir: str) -> dict:
     return meta
 
 
+# Checkpoints written while LoRA's settings were TextConfig fields keep them in "text_config".
+LEGACY_LORA_KEYS = {"lora_rank": "rank", "lora_alpha": "alpha", "lora_dropout": "dropout", "lora_targets": "targets"}
+
+
+def split_legacy_lora(text_config: dict) -> tuple[dict, dict | None]:
+    """(the architecture keys, the LoRA settings as ``LoraSpec.to_dict`` or None) of a stored text config."""
+    text = {k: v for k, v in text_config.items() if k not in LEGACY_LORA_KEYS}
+    lora = {LEGACY_LORA_KEYS[k]: v for k, v in text_config.items() if k in LEGACY_LORA_KEYS}
+    return text, (lora if lora.get("rank") else None)
+
+
 def load_spec(ckpt_dir: str, **policy) -> ModelSpec:
     meta = read_meta(ckpt_dir)
     with open(os.path.join(ckpt_dir, HF_CONFIG_FILE)) as f:
         hf_config = json.load(f)
-    text = TextConfig.from_dict({**meta["text_config"], **policy})
+    text = TextConfig.from_dict({**split_legacy_lora(meta["text_config"])[0], **policy})
     return ModelSpec(text=text, model_type=meta["model_type"], hf_config=hf_config)
 
 
@@ -115,8 +126,12 @@ def restore_checkpoint(ckpt_dir: str, shardings: Any = None, **policy) -> Loaded
     meta = read_meta(ckpt_dir)
     extra = {k: v for k, v in state.items() if k not in ("params", "encoders")}
     builtin = {"format", "version", "model_type", "text_config"}
+    kept = {k: v for k, v in meta.items() if k not in builtin}
+    legacy = split_legacy_lora(meta["text_config"])[1]
+    if legacy and "lora" not in kept:
+        kept["lora"] = legacy
     return LoadedCheckpoint(spec=spec, params=state["params"], encoders=state.get("encoders", {}), extra=extra,
-                            meta={k: v for k, v in meta.items() if k not in builtin})
+                            meta=kept)
 
 
 def sidecar_dir(ckpt_dir: str) -> str | None:

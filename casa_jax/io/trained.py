@@ -14,11 +14,12 @@ from casa_jax.io.hf import LoadedCheckpoint
 from casa_jax.io.hf_files import CheckpointError
 from casa_jax.io.orbax_io import restore_checkpoint, save_checkpoint
 from casa_jax.model.config import ModelSpec
+from casa_jax.model.layers import LoraSpec
 
 
 @dataclasses.dataclass
 class TrainedModel:
-    spec: ModelSpec  # text config carries the LoRA settings
+    spec: ModelSpec  # the architecture (LoRA's settings are ``lora_spec``)
     params: dict
     encoders: dict
     objective: str | None  # "casa", "ssft", "circuit_breaker" or None for a plain converted checkpoint
@@ -28,6 +29,7 @@ class TrainedModel:
     safety: Any = None
     unsafe_query: np.ndarray | None = None
     meta_circuit_breaker: dict | None = None  # Circuit Breakers: {"layers": [...], "alpha": ...}
+    lora_spec: LoraSpec = LoraSpec()  # rank, alpha, dropout and targets of ``lora`` (rank 0: no adapters)
 
     @property
     def is_casa(self) -> bool:
@@ -40,6 +42,8 @@ def save_trained(ckpt_dir: str, model: TrainedModel, tokenizer, sidecar_from: st
     if model.lora is not None:
         extra["lora"] = model.lora
     meta: dict = {"objective": model.objective}
+    if model.lora is not None:
+        meta["lora"] = model.lora_spec.to_dict()
     if model.meta_circuit_breaker:
         meta["circuit_breaker"] = model.meta_circuit_breaker
     if model.is_casa:
@@ -56,7 +60,10 @@ def load_trained(ckpt_dir: str, **policy) -> TrainedModel:
     loaded = restore_checkpoint(ckpt_dir, **policy)
     objective = loaded.meta.get("objective")
     model = TrainedModel(spec=loaded.spec, params=loaded.params, encoders=loaded.encoders, objective=objective,
-                         lora=loaded.extra.get("lora"), meta_circuit_breaker=loaded.meta.get("circuit_breaker"))
+                         lora=loaded.extra.get("lora"), meta_circuit_breaker=loaded.meta.get("circuit_breaker"),
+                         lora_spec=LoraSpec.from_dict(loaded.meta["lora"]) if loaded.meta.get("lora") else LoraSpec())
+    if model.lora is not None and model.lora_spec.rank <= 0:
+        raise CheckpointError(f"{ckpt_dir}: holds LoRA adapters but no LoRA settings (rank, alpha, targets)")
     if objective == "casa":
         casa = loaded.meta.get("casa")
         if not casa or "safety" not in loaded.extra:

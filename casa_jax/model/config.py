@@ -22,7 +22,6 @@ REMAT_POLICIES = {
     "dots_with_no_batch_dims": "checkpoint_dots_with_no_batch_dims",
     "minimal": "dots_with_no_batch_dims_saveable",
 }
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Hugging Face ``model_type`` values we read, and what they hold.
 QWEN2 = "qwen2"  # Qwen2ForCausalLM: the text fields at top level.
@@ -62,22 +61,11 @@ class TextConfig:
     dtype: str = "float32"  # compute dtype of activations and matmuls
     param_dtype: str = "float32"  # dtype parameters are created in by ``init``
     remat_policy: str = "none"
-    # LoRA adapters (runtime policy too: adapters live in their own "lora" collection, not the checkpoint).
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
 
     def __post_init__(self):
         if self.mrope_section is not None:
             object.__setattr__(self, "mrope_section", tuple(int(s) for s in self.mrope_section))
-        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         self.validate()
-
-    @property
-    def lora(self):
-        from casa_jax.model.layers import LoraSpec
-        return LoraSpec(self.lora_rank, self.lora_alpha, self.lora_dropout, self.lora_targets)
 
     @property
     def resolved_head_dim(self) -> int:
@@ -106,12 +94,6 @@ class TextConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in SUPPORTED_DTYPES:
                 raise ConfigError(f"TextConfig.{name}={getattr(self, name)!r}; expected one of {SUPPORTED_DTYPES}")
-        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
-        if unknown:
-            raise ConfigError(f"TextConfig.lora_targets {unknown} are not decoder projections; choose from {LORA_TARGETS}")
-        if self.lora_rank < 0 or not 0 <= self.lora_dropout < 1:
-            raise ConfigError(f"TextConfig: lora_rank={self.lora_rank} must be >= 0 and lora_dropout="
-                              f"{self.lora_dropout} in [0, 1)")
         if self.remat_policy not in REMAT_POLICIES:
             raise ConfigError(f"TextConfig.remat_policy={self.remat_policy!r}; expected one of {tuple(REMAT_POLICIES)}")
 
@@ -122,7 +104,6 @@ class TextConfig:
         d = dataclasses.asdict(self)
         if d["mrope_section"] is not None:
             d["mrope_section"] = list(d["mrope_section"])
-        d["lora_targets"] = list(d["lora_targets"])
         return d
 
     @classmethod

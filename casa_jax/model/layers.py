@@ -24,14 +24,40 @@ def model_variables(params, lora=None) -> dict:
     return {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
 
 
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-    """Low-rank adapters on the Dense layers whose names are in ``targets``: W x + (alpha / rank) B A x."""
+    """Low-rank adapters on the Dense layers whose names are in ``targets``: W x + (alpha / rank) B A x.
+
+    Not part of the architecture (``TextConfig``): a decoder takes it beside its config
+    (``CausalLM(config, lora=...)``), and a trained checkpoint stores it on its own. Rank 0: no adapters."""
 
     rank: int = 0
     alpha: float = 16.0
     dropout: float = 0.0
-    targets: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+    def __post_init__(self):
+        from casa_jax.model.config import ConfigError
+        object.__setattr__(self, "targets", tuple(self.targets))
+        unknown = sorted(set(self.targets) - set(LORA_TARGETS))
+        if unknown:
+            raise ConfigError(f"LoRA targets {unknown} are not decoder projections; choose from {LORA_TARGETS}")
+        if int(self.rank) < 0 or not 0 <= self.dropout < 1:
+            raise ConfigError(f"LoRA: rank={self.rank} must be >= 0 and dropout={self.dropout} in [0, 1)")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "alpha": self.alpha, "dropout": self.dropout, "targets": list(self.targets)}
+
+    @classmethod
+    def from_dict(cls, d) -> "LoraSpec":
+        return cls(int(d["rank"]), float(d["alpha"]), float(d.get("dropout", 0.0)), tuple(d["targets"]))
 
     def for_layer(self, name: str) -> dict:
         """Dense keyword arguments for the layer called ``name`` (empty when it gets no adapter)."""

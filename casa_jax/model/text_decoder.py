@@ -18,7 +18,7 @@ from casa_jax.model.constraints import constrain
 from casa_jax.model.attention import Attention, attention_mask_bias
 from casa_jax.model.config import REMAT_POLICIES, TextConfig
 from casa_jax.model.kv_cache import KVCache
-from casa_jax.model.layers import LORA_COLLECTION, Dense, Embed, RMSNorm, SwiGLU
+from casa_jax.model.layers import LORA_COLLECTION, Dense, Embed, LoraSpec, RMSNorm, SwiGLU
 from casa_jax.model.rope import rotary_cos_sin
 
 ACT = ("activation_batch", "activation_length", "activation_embed")
@@ -47,6 +47,7 @@ class LayerContext:
 
 class DecoderLayer(nn.Module):
     config: TextConfig
+    lora: LoraSpec = LoraSpec()
 
     @nn.compact
     def __call__(self, x: jax.Array, ctx: LayerContext, layer_cache):
@@ -55,11 +56,11 @@ class DecoderLayer(nn.Module):
         x = constrain(x, ACT)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
         h, new_cache = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim,
-                                 use_bias=cfg.attention_bias, name="self_attn", lora=cfg.lora, **kw)(
+                                 use_bias=cfg.attention_bias, name="self_attn", lora=self.lora, **kw)(
             h, ctx.cos, ctx.sin, ctx.mask, layer_cache, ctx.cache_index)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
-        x = x + SwiGLU(cfg.intermediate_size, name="mlp", lora=cfg.lora, **kw)(h)
+        x = x + SwiGLU(cfg.intermediate_size, name="mlp", lora=self.lora, **kw)(h)
         x = constrain(x, ACT)
         return x, (new_cache, x)
 
@@ -86,15 +87,17 @@ def _layer_stack(config: TextConfig):
 
 
 class CausalLM(nn.Module):
-    """Embedding -> scanned decoder layers -> final RMSNorm -> (tied or untied) LM head."""
+    """Embedding -> scanned decoder layers -> final RMSNorm -> (tied or untied) LM head. ``lora``: which
+    projections carry adapters (their ``"lora"`` collection); the default has none."""
 
     config: TextConfig
+    lora: LoraSpec = LoraSpec()
 
     def setup(self):
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", **kw)
-        self.layers = _layer_stack(cfg)(cfg, name="layers")
+        self.layers = _layer_stack(cfg)(cfg, self.lora, name="layers")
         self.norm = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = Dense((cfg.vocab_size,), ("embed", "vocab"), name="lm_head", **kw)

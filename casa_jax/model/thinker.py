@@ -19,7 +19,7 @@ from casa_jax.model.audio_encoder import AudioEncoder, audio_layout
 from casa_jax.model.config import ConfigError, ModelSpec, TextConfig
 from casa_jax.model.encoder_config import AudioConfig, VisionConfig, encoder_configs
 from casa_jax.model.kv_cache import KVCache
-from casa_jax.model.layers import model_variables
+from casa_jax.model.layers import LoraSpec, model_variables
 from casa_jax.model.rope_index import ThinkerTokens, get_rope_index
 from casa_jax.model.text_decoder import CausalLM, DecoderOutput
 from casa_jax.model.vision_encoder import VisionEncoder
@@ -160,6 +160,7 @@ class Thinker:
     vision: VisionConfig
     audio: AudioConfig
     tokens: ThinkerTokens = ThinkerTokens()
+    lora: LoraSpec = LoraSpec()  # the decoder's adapters (``CausalLM(text, lora)``)
 
     def __post_init__(self):
         width = self.text.hidden_size
@@ -168,13 +169,13 @@ class Thinker:
                               f"{self.vision.out_hidden_size}, audio output_dim={self.audio.output_dim}")
 
     @classmethod
-    def from_spec(cls, spec: ModelSpec, **policy) -> "Thinker":
+    def from_spec(cls, spec: ModelSpec, lora: LoraSpec = LoraSpec(), **policy) -> "Thinker":
         vision, audio = encoder_configs(spec, **policy)
-        return cls(spec.text, vision, audio, ThinkerTokens.from_thinker_config(spec.thinker_config()))
+        return cls(spec.text, vision, audio, ThinkerTokens.from_thinker_config(spec.thinker_config()), lora)
 
     @property
     def decoder(self) -> CausalLM:
-        return CausalLM(self.text)
+        return CausalLM(self.text, self.lora)
 
     def prepare(self, **processor_outputs) -> ThinkerInputs:
         """``prepare_thinker_inputs`` with this model's configs (keys as the processor names them)."""

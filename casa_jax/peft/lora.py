@@ -15,15 +15,17 @@ import jax
 import jax.numpy as jnp
 
 from casa_jax.model.config import TextConfig
-from casa_jax.model.layers import LORA_COLLECTION
+from casa_jax.model.layers import LORA_COLLECTION, LoraSpec
 from casa_jax.model.text_decoder import CausalLM, init_inputs
 
+LoraConfig = LoraSpec  # LoRA's own config: rank, alpha, dropout, targets (kept apart from TextConfig)
 
-def init_lora(config: TextConfig, rng: jax.Array) -> dict:
-    """Fresh adapters (B = 0, so the adapted model starts equal to the base) for ``config.lora_*``."""
-    if config.lora_rank <= 0:
-        raise ValueError("init_lora: TextConfig.lora_rank is 0; set lora_rank (and lora_targets) first")
-    model = CausalLM(config)
+
+def init_lora(config: TextConfig, lora: LoraSpec, rng: jax.Array) -> dict:
+    """Fresh adapters (B = 0, so the adapted model starts equal to the base) on ``lora.targets``."""
+    if lora.rank <= 0:
+        raise ValueError("init_lora: the LoRA rank is 0; set a rank (and targets) first")
+    model = CausalLM(config, lora)
     variables = jax.jit(lambda key: {LORA_COLLECTION: model.init(key, *init_inputs())[LORA_COLLECTION]})(rng)
     return nn.unbox(variables[LORA_COLLECTION])
 
@@ -52,14 +54,14 @@ def _fold(params: Mapping, lora: Mapping, scale: float, sign: float) -> dict:
     return out
 
 
-def merge_lora(params: Mapping[str, Any], lora: Mapping[str, Any], config: TextConfig) -> dict:
+def merge_lora(params: Mapping[str, Any], lora: Mapping[str, Any], spec: LoraSpec) -> dict:
     """Base params with every adapter folded into its kernel (for export / adapter-free serving)."""
-    return _fold(params, lora, config.lora_alpha / config.lora_rank, +1.0)
+    return _fold(params, lora, spec.scale, +1.0)
 
 
-def unmerge_lora(params: Mapping[str, Any], lora: Mapping[str, Any], config: TextConfig) -> dict:
+def unmerge_lora(params: Mapping[str, Any], lora: Mapping[str, Any], spec: LoraSpec) -> dict:
     """The inverse of ``merge_lora`` (up to float rounding)."""
-    return _fold(params, lora, config.lora_alpha / config.lora_rank, -1.0)
+    return _fold(params, lora, spec.scale, -1.0)
 
 
 def count_lora_params(lora: Mapping) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from casa_jax.casa.config import CasaConfig
-from casa_jax.model.config import LORA_TARGETS
+from casa_jax.model.layers import LORA_TARGETS
 
 
 def default_train_config(objective: str = "casa") -> ml_collections.ConfigDict:

@@ -36,7 +36,7 @@ from casa_jax.casa.safety_attention import SafetyAttention
 from casa_jax.casa.safety_tokens import add_safety_tokens
 from casa_jax.train.step import OptimConfig, init_state, make_eval_fn, make_optimizer, make_train_step
 from casa_jax.model.config import ConfigError
-from casa_jax.model.layers import LORA_COLLECTION
+from casa_jax.model.layers import LORA_COLLECTION, LoraSpec
 from casa_jax.sharding import decoder_shardings, make_mesh, place, replicated, rules_context, rules_from_config
 from casa_jax.train.checkpointing import TrainCheckpoints, abstract_like
 from casa_jax.train.streams import ExampleStream, GrainStream
@@ -250,21 +250,23 @@ class Base:
     sidecar: str | None
     ids: Any = None  # SafetyTokenIds (CASA)
     unsafe_query: Any = None  # [E] frozen unsafe-token embedding (CASA)
+    lora: LoraSpec = LoraSpec()  # the adapters this run trains
 
 
 def load_base(config, casa_cfg: CasaConfig) -> Base:
-    """The base checkpoint (or the embedded tiny model), its text config given the run's LoRA, dtype and
-    remat settings, and (CASA) the safety tokens."""
+    """The base checkpoint (or the embedded tiny model), its text config given the run's dtype and remat
+    settings, the run's LoRA spec, and (CASA) the safety tokens."""
     spec, params, encoders, tokenizer, sidecar = _base(config)
     ids = unsafe_query = None
     if config.objective == "casa":
         tokenizer, params, spec, ids, unsafe_query = add_safety_tokens(tokenizer, params, spec, casa_cfg)
-    lora = config.lora
-    text = spec.text.replace(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                             lora_targets=tuple(lora.targets), dtype=config.dtype, param_dtype="float32",
-                             remat_policy=config.remat_policy)
+    try:
+        lora = LoraSpec(config.lora.rank, config.lora.alpha, config.lora.dropout, tuple(config.lora.targets))
+    except ConfigError as e:
+        raise ConfigError(f"--config.lora: {e}") from None
+    text = spec.text.replace(dtype=config.dtype, param_dtype="float32", remat_policy=config.remat_policy)
     spec = spec.__class__(text=text, model_type=spec.model_type, hf_config=spec.hf_config)
-    return Base(spec, params, encoders, tokenizer, sidecar, ids, unsafe_query)
+    return Base(spec, params, encoders, tokenizer, sidecar, ids, unsafe_query, lora)
 
 
 @dataclasses.dataclass
@@ -291,7 +293,7 @@ def build_run(config, base: Base, casa_cfg: CasaConfig) -> Run:
     step, all under the logical-axis rules."""
     objective, text = config.objective, base.spec.text
     key = jax.random.key(config.seed)
-    trainable = {"lora": init_lora(text, jax.random.fold_in(key, 1))}
+    trainable = {"lora": init_lora(text, base.lora, jax.random.fold_in(key, 1))}
     frozen = {"params": base.params}
     if objective == "casa":
         dummy = np.zeros((1, 2, text.hidden_size), np.float32)
@@ -299,7 +301,7 @@ def build_run(config, base: Base, casa_cfg: CasaConfig) -> Run:
             jax.random.fold_in(key, 2), base.unsafe_query, dummy, np.ones((1, 2), bool))["params"])
         frozen["unsafe_query"] = base.unsafe_query
     assert set(trainable) == set(trainable_parts(objective))
-    setup = ObjectiveSetup(text=text, casa=casa_cfg, ids=base.ids,
+    setup = ObjectiveSetup(text=text, casa=casa_cfg, ids=base.ids, lora=base.lora,
                            circuit_breaker=CircuitBreakerConfig(tuple(config.circuit_breaker.layers),
                                                                 config.circuit_breaker.alpha,
                                                                 config.circuit_breaker.retain_norm))
@@ -310,7 +312,7 @@ def build_run(config, base: Base, casa_cfg: CasaConfig) -> Run:
     optimizer = make_optimizer(optim, trainable)
     mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
     rules = rules_from_config(config.logical_axis_rules)
-    decoder_sh = decoder_shardings(text, mesh, rules)
+    decoder_sh = decoder_shardings(text, mesh, rules, base.lora)
     trainable_sh = {"lora": decoder_sh[LORA_COLLECTION]}
     frozen_sh = {"params": decoder_sh["params"]}
     if objective == "casa":
@@ -446,7 +448,7 @@ def trained_model(config, base: Base, casa_cfg: CasaConfig, setup: ObjectiveSetu
     objective = config.objective
     cb = setup.circuit_breaker
     return TrainedModel(spec=base.spec, params=base.params, encoders=base.encoders, objective=objective,
-                        lora=trained["lora"], casa=casa_cfg if base.ids else None,
+                        lora=trained["lora"], lora_spec=base.lora, casa=casa_cfg if base.ids else None,
                         ids=base.ids, safety=trained.get("safety"), unsafe_query=base.unsafe_query,
                         meta_circuit_breaker={"layers": list(cb.resolved_layers(base.spec.text.num_hidden_layers)),
                                               "alpha": cb.alpha, "retain_norm": cb.retain_norm}
