@@ -26,7 +26,7 @@ denominator that depends only on the batch's masks and labels (``NORMALIZERS``),
 
 A loss called with ``norms`` from ``NORMALIZERS[objective](setup, full_batch)`` on a slice of that batch
 returns that slice's share, so the shares over any split of the batch sum exactly to the full batch's
-loss, metrics and gradients (what gradient accumulation in ``train_lib`` relies on).
+loss, metrics and gradients (what gradient accumulation in ``train.step`` relies on).
 """
 
 from __future__ import annotations
