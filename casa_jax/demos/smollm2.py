@@ -78,16 +78,19 @@ ABLATION_METHODS = ("safety_token", "circuit_breaker")
 def _train_once(method: str, base: str, workdir: str, steps: int, targets_file: str, overrides: dict) -> dict:
     from casa_jax.train.config import smollm2_train_config
     from casa_jax.train.trainer import train
-    done = _finished(workdir, steps)
-    if done is not None:
-        print(f"      {method}: reusing the finished run in {workdir}")
-        return done
+    from casa_jax.train.workdir import check_resume
     objective, method_overrides = METHODS[method]
     config = smollm2_train_config(objective)
     config.base, config.num_train_steps = base, steps
     config.eval_every_steps = config.checkpoint_every_steps = steps
     config.data.targets_file = targets_file
     config.update_from_flattened_dict({**method_overrides, **overrides})  # e.g. {"data.num_harmful": 8}
+    done = _finished(workdir, steps)
+    if done is not None:
+        # a finished run is reused only under the same settings; otherwise this names the differing keys
+        check_resume(workdir, config.to_json_best_effort(indent=2), allow_changes=False)
+        print(f"      {method}: reusing the finished run in {workdir}")
+        return done
     return train(config, workdir, progress=True)
 
 
@@ -213,13 +216,14 @@ def run(workdir: str, gguf: str | None = None, steps: int = 60, per_suite: int =
     intro = ("Judged on the response text (prefill attacks: the model's continuation); `(decision)` columns count "
              "an `unsafe` verdict as a refusal. Lower is better; benign rows are over-refusal. Held-out test-split "
              "prompts only; brackets: Wilson 95 % interval.")
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(f"# CASA on SmolLM2-135M-Instruct\n\n{agreement}\n\n{intro}\n\n{table}\n\n{summary}\n\n"
-                f"{utility_line}\n\nFigure: asr.png. Per-model reports: eval/<model>/report.md\n")
-    with open(os.path.join(workdir, "report.json"), "w") as f:
-        json.dump({"goal": goal, "training": trained, "utility": utility, "judge": reports["base"]["judge"],
-                   "judge_agreement": reports["base"]["judge_agreement"],
-                   "reports": {k: v["suites"] for k, v in reports.items()}}, f, indent=2)
+    from casa_jax.paths import write_text_atomic
+    write_text_atomic(os.path.join(workdir, "report.md"),
+                      f"# CASA on SmolLM2-135M-Instruct\n\n{agreement}\n\n{intro}\n\n{table}\n\n{summary}\n\n"
+                      f"{utility_line}\n\nFigure: asr.png. Per-model reports: eval/<model>/report.md\n")
+    write_text_atomic(os.path.join(workdir, "report.json"), json.dumps(
+        {"goal": goal, "training": trained, "utility": utility, "judge": reports["base"]["judge"],
+         "judge_agreement": reports["base"]["judge_agreement"],
+         "reports": {k: v["suites"] for k, v in reports.items()}}, indent=2))
     print(f"\nBefore/after. {agreement}\n{intro}\n{table}\n{summary}\n{utility_line}")
     print(f"Report: {os.path.join(workdir, 'report.md')}. Done in {time.time() - t0:.0f} s.\n"
           f"Try it: python -m casa_jax.generate --ckpt_dir={os.path.join(workdir, 'casa', 'checkpoint')} "

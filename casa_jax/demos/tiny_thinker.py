@@ -100,10 +100,11 @@ def run(workdir: str, casa_steps: int = 200, baseline_steps: int = 100, per_suit
                                  max_new_tokens=max_new_tokens, progress=False)
     summary = comparison_table(reports, SUITES)
     casa_token = reports["casa"]["safety_token"] or {}
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(f"# casa-jax demo\n\n{DISCLAIMER}\n\nJudge: {reports['base']['judge']}. ASR per attack suite "
-                f"(lower is better); the benign row is over-refusal.\n\n{summary}\n\nCASA safety token on the same "
-                f"items: {json.dumps(casa_token)}\n\nPer-model reports: eval/<model>/report.md\n")
+    from casa_jax.paths import write_text_atomic
+    write_text_atomic(os.path.join(workdir, "report.md"),
+                      f"# casa-jax demo\n\n{DISCLAIMER}\n\nJudge: {reports['base']['judge']}. ASR per attack suite "
+                      f"(lower is better); the benign row is over-refusal.\n\n{summary}\n\nCASA safety token on the "
+                      f"same items: {json.dumps(casa_token)}\n\nPer-model reports: eval/<model>/report.md\n")
     print(f"\nAttack success rate (judge: {reports['base']['judge']}); benign row = over-refusal\n{summary}")
     if casa_token:
         print(f"CASA safety token: accuracy {casa_token['accuracy']:.3f}, AUROC(v_s) {casa_token['auroc_v_s']}")

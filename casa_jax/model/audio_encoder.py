@@ -33,14 +33,17 @@ def conv_output_frames(frames):
     return (frames - 1) // 2 + 1
 
 
-def audio_output_tokens(frames):
-    """Encoder output tokens (= audio placeholder tokens) for ``frames`` mel frames."""
-    return (conv_output_frames(frames) - 2) // 2 + 1
+def audio_output_tokens(frames, pool_stride: int = 2):
+    """Encoder output tokens (= audio placeholder tokens) for ``frames`` mel frames: the stride-2 conv's
+    frames, average-pooled in pairs (Qwen2.5-Omni) or not pooled (``pool_stride=1``, Whisper)."""
+    states = conv_output_frames(frames)
+    return states if pool_stride == 1 else (states - 2) // 2 + 1
 
 
 @dataclasses.dataclass(frozen=True)
 class AudioLayout:
-    """Chunked mel features and the gather indices of the pooled outputs, padded to bucket sizes.
+    """Chunked mel features and the gather indices of the pooled outputs, padded to bucket sizes (without
+    pooling, ``pool_a == pool_b``: each output is one encoder state).
 
     ``features[c, f]`` is frame ``f`` of chunk ``c``; ``chunk_frames[c]`` its real length (0 = padding);
     output token ``j`` averages the flattened [chunks * n_window] encoder states ``pool_a[j]`` and ``pool_b[j]``.
@@ -71,7 +74,7 @@ def audio_layout(clips: Sequence[np.ndarray], cfg: AudioConfig, min_chunks: int 
             raise ValueError(f"audio clip {i}: features have shape {list(clip.shape)}; expected "
                              f"[{cfg.num_mel_bins}, frames] log-mel features")
         frames = clip.shape[1]
-        if audio_output_tokens(frames) < 1:
+        if audio_output_tokens(frames, cfg.pool_stride) < 1:
             raise ValueError(f"audio clip {i}: {frames} mel frames is too short; the encoder needs at least 3")
         # Flat index (chunk * n_window + position) of every real post-conv state of this clip, in order;
         # pooling averages consecutive pairs of them, which may straddle two chunks.
@@ -82,9 +85,10 @@ def audio_layout(clips: Sequence[np.ndarray], cfg: AudioConfig, min_chunks: int 
             lengths.append(piece.shape[0])
             chunks.append(np.pad(piece, ((0, width - piece.shape[0]), (0, 0))))
         states = np.concatenate(states)
-        n_out = int(audio_output_tokens(frames))
-        firsts.append(states[0:2 * n_out:2])
-        seconds.append(states[1:2 * n_out:2])
+        stride = cfg.pool_stride
+        n_out = int(audio_output_tokens(frames, stride))
+        firsts.append(states[0:stride * n_out:stride])
+        seconds.append(states[stride - 1:stride * n_out:stride])
         tokens.append(n_out)
     c_pad = slot_bucket(len(chunks), min_chunks)
     a_pad = slot_bucket(sum(tokens), min_tokens)

@@ -100,10 +100,15 @@ class AudioConfig:
     n_window: int = 100
     output_dim: int = 3584
     layer_norm_eps: float = 1e-5  # torch.nn.LayerNorm's default, which transformers uses
+    # Average-pool the encoder states in pairs before ``ln_post`` (Qwen2.5-Omni); 1 = no pooling, as in
+    # Whisper's encoder, whose final layer norm is then ``ln_post``.
+    pool_stride: int = 2
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     def __post_init__(self):
+        if self.pool_stride not in (1, 2):
+            raise ConfigError(f"AudioConfig.pool_stride={self.pool_stride!r}; expected 2 (Qwen2.5-Omni) or 1 (Whisper)")
         _check_positive(self, ("num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
                                "d_model", "max_source_positions", "n_window", "output_dim"))
         if self.d_model % self.encoder_attention_heads:
@@ -133,7 +138,7 @@ class AudioConfig:
             raise ConfigError(f"{where}: activation_function={act!r} is not supported (expected 'gelu')")
         if cfg.get("scale_embedding"):
             raise ConfigError(f"{where}: scale_embedding=true is not supported (Qwen2.5-Omni does not use it)")
-        kept = {f.name for f in dataclasses.fields(cls)} - {"layer_norm_eps", "dtype", "param_dtype"}
+        kept = {f.name for f in dataclasses.fields(cls)} - {"layer_norm_eps", "dtype", "param_dtype", "pool_stride"}
         try:
             return cls(**{k: cfg[k] for k in kept if k in cfg}, **policy)
         except ConfigError as e:

@@ -126,10 +126,11 @@ def with_compliant_openings(examples: Sequence[Example], fraction: float, seed: 
     rng = random.Random(f"openings:{seed}")
     out = []
     for e in examples:
-        draw = rng.random()
-        if e.prefix:
-            pass
-        elif e.harmful and draw < fraction:
+        draw = rng.random()  # drawn for every row, so one row's prefix never shifts another's
+        if e.prefix:  # a row that already has a prefix keeps it
+            out.append(e)
+            continue
+        if e.harmful and draw < fraction:
             request = e.prompt.rstrip(" .?!")
             words = rng.choice(openings).format(request=request[:1].lower() + request[1:]).split()
             e = dataclasses.replace(e, prefix=" ".join(words[:rng.randint(1, len(words))]))
