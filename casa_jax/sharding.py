@@ -82,9 +82,7 @@ def fit_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> Partition
 def param_shardings(module: nn.Module, mesh: Mesh, *init_args, rules=DEFAULT_RULES, **init_kwargs) -> Any:
     """Shardings for ``module``'s params, derived from ``jax.eval_shape`` of its init (no allocation)."""
     abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), *init_args, **init_kwargs))
-    shardings = logical_to_sharding(nn.get_partition_spec(abstract)["params"], mesh, rules)
-    return jax.tree.map(lambda s, a: NamedSharding(mesh, fit_spec(s.spec, a.shape, mesh)),
-                        shardings, nn.unbox(abstract["params"]))
+    return _fitted(nn.get_partition_spec(abstract)["params"], nn.unbox(abstract["params"]), mesh, rules)
 
 
 def decoder_shardings(text, mesh: Mesh, rules=DEFAULT_RULES, lora=None) -> dict[str, Any]:

@@ -35,12 +35,16 @@ def bucket_length(length: int, buckets: Sequence[int] = PREFILL_BUCKETS) -> int:
     raise ValueError(f"prompt of {length} tokens is longer than the largest prefill bucket {buckets[-1]}")
 
 
-def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask) [B, length] with every prompt right-aligned."""
+def left_pad(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0,
+             allow_empty: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, mask) [B, length] with every prompt right-aligned; ``allow_empty``: a row may be all padding
+    (a gate's chunk for a row without an attacker prefill)."""
     ids = np.full((len(prompts), length), pad_id, np.int32)
     mask = np.zeros((len(prompts), length), np.int32)
     for row, p in enumerate(prompts):
         if len(p) == 0:
+            if allow_empty:
+                continue
             raise ValueError(f"prompt {row} is empty")
         if len(p) > length:
             raise ValueError(f"prompt {row} has {len(p)} tokens, more than the padded length {length}")
@@ -254,14 +258,3 @@ def _check_prefills(prefills, batch: int) -> list[list[int]]:
     if len(prefills) != batch:
         raise ValueError(f"{len(prefills)} assistant prefills for {batch} prompts")
     return prefills
-
-
-def right_aligned(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids, mask) [B, max len] with each row right-aligned; rows may be empty (all padding)."""
-    width = max((len(r) for r in rows), default=0)
-    ids = np.full((len(rows), width), pad_id, np.int32)
-    mask = np.zeros((len(rows), width), np.int32)
-    for i, r in enumerate(rows):
-        if r:
-            ids[i, width - len(r):], mask[i, width - len(r):] = r, 1
-    return ids, mask

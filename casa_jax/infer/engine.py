@@ -11,6 +11,7 @@ cache: two Engines share nothing, and dropping one frees its weights and compile
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -72,8 +73,8 @@ class Engine:
     def pad_id(self) -> int:
         return self.tokenizer.pad_token_id or 0
 
-    @property
-    def eos_ids(self) -> tuple[int, ...]:
+    @functools.cached_property
+    def eos_ids(self) -> tuple[int, ...]:  # once per Engine: get_vocab() builds the whole vocabulary dict
         vocab = self.tokenizer.get_vocab()
         return tuple(sorted({self.tokenizer.eos_token_id,
                              *(vocab[t] for t in ("<|endoftext|>", "<|im_end|>") if t in vocab)}))

@@ -22,7 +22,7 @@ import numpy as np
 from casa_jax.casa.config import CasaConfig
 from casa_jax.casa.safety_attention import SafetyAttention, safety_step_logits, v_s_from_logit
 from casa_jax.casa.safety_tokens import SafetyTokenIds
-from casa_jax.infer.decode import right_aligned
+from casa_jax.infer.decode import left_pad
 
 
 @flax.struct.dataclass
@@ -45,7 +45,7 @@ class NoGate:
     prefill_in_prompt: bool = True
 
     def chunk(self, prefills: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-        return right_aligned(prefills, pad_id)
+        return left_pad(prefills, max(map(len, prefills), default=0), pad_id, allow_empty=True)
 
     def open(self, decoder, weights, out, prompt_mask, next_positions, chunk_ids, chunk_mask) -> Opened:
         del prompt_mask
@@ -122,7 +122,8 @@ class CasaGate:
 
     def chunk(self, prefills: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
         # one placeholder column per row for the safety token, chosen on device
-        return right_aligned([[pad_id] + list(p) for p in prefills], pad_id)
+        rows = [[pad_id] + list(p) for p in prefills]
+        return left_pad(rows, max(map(len, rows), default=0), pad_id)
 
     def open(self, decoder, weights, out, prompt_mask, next_positions, chunk_ids, chunk_mask) -> Opened:
         batch = chunk_ids.shape[0]

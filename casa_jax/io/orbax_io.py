@@ -87,8 +87,9 @@ def split_legacy_lora(text_config: dict) -> tuple[dict, dict | None]:
     return text, (lora if lora.get("rank") else None)
 
 
-def load_spec(ckpt_dir: str, **policy) -> ModelSpec:
-    meta = read_meta(ckpt_dir)
+def load_spec(ckpt_dir: str, meta: dict | None = None, **policy) -> ModelSpec:
+    """The checkpoint's ModelSpec (``meta``: its ``read_meta``, when the caller has read it already)."""
+    meta = meta or read_meta(ckpt_dir)
     with open(os.path.join(ckpt_dir, HF_CONFIG_FILE)) as f:
         hf_config = json.load(f)
     text = TextConfig.from_dict({**split_legacy_lora(meta["text_config"])[0], **policy})
@@ -98,7 +99,8 @@ def load_spec(ckpt_dir: str, **policy) -> ModelSpec:
 def restore_checkpoint(ckpt_dir: str, shardings: Any = None, **policy) -> LoadedCheckpoint:
     """Read a checkpoint written by ``save_checkpoint``; ``shardings`` (a tree like the params) places
     each array; by default everything lands on the first device."""
-    spec = load_spec(ckpt_dir, **policy)
+    meta = read_meta(ckpt_dir)
+    spec = load_spec(ckpt_dir, meta, **policy)
     state_dir = os.path.join(os.path.abspath(ckpt_dir), STATE_DIR)
     if not os.path.isfile(os.path.join(state_dir, "_CHECKPOINT_METADATA")):
         raise CheckpointError(f"{ckpt_dir}: has no weights ({STATE_DIR}/ is missing or incomplete); the checkpoint "
@@ -123,7 +125,6 @@ def restore_checkpoint(ckpt_dir: str, shardings: Any = None, **policy) -> Loaded
     except Exception as e:  # tensorstore reports a short or corrupt file as a plain Exception
         raise CheckpointError(f"{state_dir}: cannot read the weights ({str(e).splitlines()[0][:160]}); the files "
                               "are truncated or corrupt: convert or train the checkpoint again") from e
-    meta = read_meta(ckpt_dir)
     extra = {k: v for k, v in state.items() if k not in ("params", "encoders")}
     builtin = {"format", "version", "model_type", "text_config"}
     kept = {k: v for k, v in meta.items() if k not in builtin}
