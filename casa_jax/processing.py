@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from casa_jax.model.audio_encoder import audio_output_tokens
-from casa_jax.model.encoder_config import VisionConfig
+from casa_jax.model.encoder_config import AudioConfig, VisionConfig
 from casa_jax.model.rope_index import chunk_slices
 
 SAMPLING_RATE = 16_000
@@ -92,7 +92,7 @@ def _check_image_size(array: np.ndarray, name: str, min_side: int) -> None:
         raise InputError(f"{name}: aspect ratio {max(h, w) / min(h, w):.0f}:1 exceeds the vision encoder's 200:1")
 
 
-def _to_waveform(audio: Any, name: str, resample: bool) -> np.ndarray:
+def _to_waveform(audio: Any, name: str, resample: bool, pool_stride: int = 2) -> np.ndarray:
     """An ``Audio``, (waveform, rate) pair or bare 16 kHz array -> float32 mono waveform at 16 kHz."""
     if isinstance(audio, Audio):
         wave, rate = audio.waveform, audio.sampling_rate
@@ -122,8 +122,9 @@ def _to_waveform(audio: Any, name: str, resample: bool) -> np.ndarray:
     if seconds > MAX_AUDIO_SECONDS:
         raise InputError(f"{name}: {seconds:.1f} s is longer than the {MAX_AUDIO_SECONDS} s one clip may last; "
                          "split it into several clips")
-    if audio_output_tokens(wave.size // 160) < 1:
-        raise InputError(f"{name}: {wave.size} samples is too short to give one audio token (needs >= 0.05 s)")
+    if audio_output_tokens(wave.size // 160, pool_stride) < 1:
+        raise InputError(f"{name}: {wave.size} samples is too short to give one audio token (needs >= "
+                         f"{0.02 * pool_stride + 0.01:.2f} s)")
     return wave
 
 
@@ -137,12 +138,18 @@ def _to_frames(video: Any, name: str) -> np.ndarray:
 class OmniProcessor:
     """Prompts + media -> the arrays ``Qwen2_5OmniProcessor`` returns (NumPy), for ``Thinker.prepare``.
 
-    ``tokenizer`` may be None for media-only use (``images``, ``videos``, ``audio``).
+    ``tokenizer`` may be None for media-only use (``images``, ``videos``, ``audio``). ``vision`` None: an
+    audio-only thinker (images and videos are refused). ``audio``: the encoder's config, which decides the
+    placeholder count per clip (its pooling) and the mel bins (Qwen2.5-Omni's when None).
+    ``audio_emitter``: for an ``emit="ctc"`` encoder, (input_features, feature_attention_mask) -> one [steps]
+    bool mask per clip of the steps that become tokens (the Engine passes its model's); the count of
+    placeholders then follows what the audio says.
     """
 
-    def __init__(self, tokenizer, vision: VisionConfig, image_min_pixels: int = IMAGE_MIN_PIXELS,
+    def __init__(self, tokenizer, vision: VisionConfig | None, image_min_pixels: int = IMAGE_MIN_PIXELS,
                  image_max_pixels: int = IMAGE_MAX_PIXELS, video_min_pixels: int = VIDEO_MIN_PIXELS,
-                 video_max_pixels: int = VIDEO_MAX_PIXELS, video_fps: float = VIDEO_FPS, num_mel_bins: int = 128):
+                 video_max_pixels: int = VIDEO_MAX_PIXELS, video_fps: float = VIDEO_FPS, num_mel_bins: int | None = None,
+                 audio: AudioConfig | None = None, audio_emitter=None):
         from transformers import Qwen2VLImageProcessorPil, WhisperFeatureExtractor
 
         missing = [attr for attr in OMNI_SPECIAL_TOKENS if getattr(tokenizer, attr, None) is None]
@@ -151,22 +158,33 @@ class OmniProcessor:
                              f"{ {k: OMNI_SPECIAL_TOKENS[k] for k in missing} } in its extra_special_tokens")
         self.tokenizer = tokenizer
         self.vision = vision
-        self.image_processor = Qwen2VLImageProcessorPil(
+        self.pool_stride = audio.pool_stride if audio is not None else 2
+        self.emit = audio.emit if audio is not None else "all"
+        self.audio_emitter = audio_emitter
+        self.image_processor = None if vision is None else Qwen2VLImageProcessorPil(
             patch_size=vision.patch_size, temporal_patch_size=vision.temporal_patch_size,
             merge_size=vision.spatial_merge_size, min_pixels=image_min_pixels, max_pixels=image_max_pixels)
         self.video_pixels = (video_min_pixels, video_max_pixels)
         self.video_fps = float(video_fps)
-        self.feature_extractor = WhisperFeatureExtractor(feature_size=num_mel_bins, sampling_rate=SAMPLING_RATE)
+        mel = num_mel_bins or (audio.num_mel_bins if audio is not None else 128)
+        if audio is not None and mel != audio.num_mel_bins:
+            raise InputError(f"the feature extractor computes {mel} mel bins but the audio encoder takes "
+                             f"{audio.num_mel_bins} (preprocessor_config.json feature_size vs audio_config)")
+        self.feature_extractor = WhisperFeatureExtractor(feature_size=mel, sampling_rate=SAMPLING_RATE)
 
     @classmethod
-    def from_pretrained(cls, path: str, vision: VisionConfig, tokenizer=None) -> "OmniProcessor":
-        """From a directory with tokenizer files and, optionally, ``preprocessor_config.json``."""
+    def from_pretrained(cls, path: str, vision: VisionConfig | None, tokenizer=None,
+                        audio: AudioConfig | None = None, audio_emitter=None) -> "OmniProcessor":
+        """From a directory with tokenizer files and, optionally, ``preprocessor_config.json`` (``path`` None:
+        a model in memory, with ``tokenizer`` given and the defaults)."""
         from transformers import AutoTokenizer
 
+        if path is None and tokenizer is None:
+            raise InputError("OmniProcessor.from_pretrained: give a directory or a tokenizer")
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(path)
         kwargs = {}
-        pre = os.path.join(path, "preprocessor_config.json")
-        if os.path.isfile(pre):
+        pre = os.path.join(path, "preprocessor_config.json") if path else ""
+        if pre and os.path.isfile(pre):
             with open(pre) as f:
                 cfg = json.load(f)
             if "min_pixels" in cfg:
@@ -175,10 +193,15 @@ class OmniProcessor:
                 kwargs["image_max_pixels"] = int(cfg["max_pixels"])
             if "feature_size" in cfg:
                 kwargs["num_mel_bins"] = int(cfg["feature_size"])
-        return cls(tokenizer, vision, **kwargs)
+        return cls(tokenizer, vision, audio=audio, audio_emitter=audio_emitter, **kwargs)
 
     # -- media -------------------------------------------------------------------------------------
+    def _need_vision(self, kind: str) -> None:
+        if self.vision is None:
+            raise InputError(f"{kind} given, but this thinker has no vision encoder (an audio-only model)")
+
     def images(self, images: Sequence[Any]) -> dict[str, np.ndarray]:
+        self._need_vision("images")
         arrays = [_to_image_array(im, f"image {i}") for i, im in enumerate(images)]
         for i, a in enumerate(arrays):
             _check_image_size(a, f"image {i}", self.vision.patch_size)
@@ -188,6 +211,7 @@ class OmniProcessor:
     def videos(self, videos: Sequence[Any]) -> dict[str, np.ndarray]:
         """Each frame resized/normalised by the image processor; frames padded (last frame repeated) to a
         multiple of temporal_patch_size, and each group of frames forms one temporal patch."""
+        self._need_vision("videos")
         tps, c, p = self.vision.temporal_patch_size, self.vision.in_channels, self.vision.patch_size
         lo, hi = self.video_pixels
         patches, grids = [], []
@@ -211,7 +235,7 @@ class OmniProcessor:
                 "video_second_per_grid": np.asarray([tps / self.video_fps] * len(grids), np.float32)}
 
     def audio(self, clips: Sequence[Any], resample: bool = False) -> dict[str, np.ndarray]:
-        waves = [_to_waveform(a, f"audio {i}", resample) for i, a in enumerate(clips)]
+        waves = [_to_waveform(a, f"audio {i}", resample, self.pool_stride) for i, a in enumerate(clips)]
         out = self.feature_extractor(waves, sampling_rate=SAMPLING_RATE, padding="max_length",
                                      return_attention_mask=True, return_tensors="np")
         return {"input_features": out["input_features"], "feature_attention_mask": out["attention_mask"]}
@@ -261,11 +285,19 @@ class OmniProcessor:
             raise InputError("this OmniProcessor has no tokenizer; it can only process media (images/videos/audio)")
         images, videos, audio = list(images or []), list(videos or []), list(audio or [])
         out: dict[str, Any] = {}
-        merge = self.vision.merge_unit
+        merge = self.vision.merge_unit if self.vision is not None else 1
         audio_tokens: list[int] = []
         if audio:
             out.update(self.audio(audio, resample=resample_audio))
-            audio_tokens = audio_output_tokens(out["feature_attention_mask"].sum(-1)).tolist()
+            if self.emit == "ctc":
+                if self.audio_emitter is None:
+                    raise InputError("this audio encoder emits tokens by CTC: the processor needs the model's "
+                                     "audio_emitter (use Engine.processor())")
+                out["audio_emit"] = [np.asarray(m, bool) for m in self.audio_emitter(
+                    out["input_features"], out["feature_attention_mask"])]
+                audio_tokens = [int(m.sum()) for m in out["audio_emit"]]
+            else:
+                audio_tokens = audio_output_tokens(out["feature_attention_mask"].sum(-1), self.pool_stride).tolist()
         if images:
             out.update(self.images(images))
             texts = self._expand(texts, tok.image_token,
@@ -300,6 +332,13 @@ class OmniProcessor:
         out["attention_mask"] = enc["attention_mask"]
         return out
 
+    @property
+    def chat_template(self) -> str:
+        """The tokenizer's own chat template when it renders media items (it names ``<|audio_bos|>``, as an
+        ``io/omni_mini`` model's does), else Qwen2.5-Omni's."""
+        own = getattr(self.tokenizer, "chat_template", None)
+        return own if isinstance(own, str) and OMNI_SPECIAL_TOKENS["audio_bos_token"] in own else OMNI_CHAT_TEMPLATE
+
     def apply_chat_template(self, conversations: Sequence[Sequence[Mapping]], add_generation_prompt: bool = True,
                             audio_in_video: bool = False) -> tuple[list[str], dict[str, list]]:
         """Render conversations and collect their media in order: (texts, {"images", "videos", "audio"}).
@@ -329,7 +368,8 @@ class OmniProcessor:
         if audio_in_video:  # sound tracks travel with their video placeholder
             rendered = [[dict(m, content=[i for i in m["content"] if i.get("type") != "audio"])
                          if not isinstance(m.get("content"), str) else m for m in conv] for conv in conversations]
-        texts = [self.tokenizer.apply_chat_template(list(conv), tokenize=False, chat_template=OMNI_CHAT_TEMPLATE,
+        template = self.chat_template
+        texts = [self.tokenizer.apply_chat_template(list(conv), tokenize=False, chat_template=template,
                                                     add_generation_prompt=add_generation_prompt)
                  for conv in rendered]
         return texts, media

@@ -77,6 +77,21 @@ def rouge_l(candidate: str, reference: str) -> float:
     return 2 * precision * recall / (precision + recall)
 
 
+def word_error_rate(hypothesis: str, reference: str) -> float:
+    """Word-level edit distance / reference words, on lower-cased words without punctuation."""
+    def words(text):
+        return ["".join(c for c in w if c.isalnum()) for w in text.lower().split() if any(c.isalnum() for c in w)]
+    hyp, ref = words(hypothesis), words(reference)
+    if not ref:
+        return float(bool(hyp))
+    row = list(range(len(hyp) + 1))
+    for i, r in enumerate(ref, 1):
+        prev, row[0] = row[0], i
+        for j, h in enumerate(hyp, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (r != h))
+    return row[len(hyp)] / len(ref)
+
+
 def mean_ci(values: Sequence[float], z: float = Z_95) -> dict:
     """``{"mean", "n", "ci"}``: the mean with a normal-approximation 95 % interval (None when empty)."""
     v = np.asarray(values, np.float64)

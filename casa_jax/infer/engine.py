@@ -105,8 +105,28 @@ class Engine:
         """The ``OmniProcessor`` of a thinker checkpoint (from its sidecar files)."""
         if self._processor is None:
             from casa_jax.processing import OmniProcessor
-            self._processor = OmniProcessor.from_pretrained(self.sidecar, self.thinker.vision, tokenizer=self.tokenizer)
+            emitter = self.audio_emissions if self.thinker.audio.emit == "ctc" else None
+            self._processor = OmniProcessor.from_pretrained(self.sidecar, self.thinker.vision, tokenizer=self.tokenizer,
+                                                            audio=self.thinker.audio, audio_emitter=emitter)
         return self._processor
+
+    def audio_emissions(self, input_features, feature_attention_mask) -> list:
+        """Per clip, the [steps] mask of the audio steps that become tokens (``AudioConfig.emit="ctc"``): the
+        audio tower run on the clips, then ``ctc_emissions`` against the decoder's embedding table."""
+        import numpy as np
+
+        from casa_jax.model.audio_encoder import AudioEncoder, ctc_emissions, ctc_rows, features_layout
+        audio = self.thinker.audio
+        layout = features_layout(np.asarray(input_features), np.asarray(feature_attention_mask), audio)
+        if "emissions" not in self._compiled:
+            def emissions(params, encoders, arrays):
+                tokens = AudioEncoder(audio).apply({"params": encoders["audio_tower"]}, **arrays)
+                return ctc_emissions(tokens, ctc_rows(params["embed_tokens"]["embedding"], audio), audio.blank_token_id)
+            self._compiled["emissions"] = jax.jit(emissions)
+        with self.context():
+            emit = np.asarray(self._compiled["emissions"](self.weights.params, self.weights.encoders, layout.arrays()))
+        offsets = np.cumsum((0,) + layout.tokens_per_clip)
+        return [emit[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
     def decoder(self, strategy=Greedy(), *, gated: bool = True, threshold: float | None = None,
                 refusal_mode: str | None = None, media: bool = False,

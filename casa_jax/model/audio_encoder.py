@@ -1,5 +1,6 @@
 """Qwen2.5-Omni audio encoder in Flax: two 1-D convolutions, sinusoidal positions, attention within
-chunks of ``2 * n_window`` mel frames, average pooling and projection to the decoder width.
+chunks of ``2 * n_window`` mel frames, average pooling and projection to the decoder width. Configured
+with one 30-s window, no pooling and 80 mel bins it computes Whisper's encoder (``io/whisper_ct2``).
 
 Numerically equal to transformers' ``Qwen2_5OmniAudioEncoder``. Clips are cut into chunks on the host
 (``AudioLayout``), so the encoder sees a static [chunks, frames, mel] block and compiles once per bucket.
@@ -34,25 +35,23 @@ def conv_output_frames(frames):
 
 
 def audio_output_tokens(frames, pool_stride: int = 2):
-    """Encoder output tokens (= audio placeholder tokens) for ``frames`` mel frames: the stride-2 conv's
-    frames, average-pooled in pairs (Qwen2.5-Omni) or not pooled (``pool_stride=1``, Whisper)."""
-    states = conv_output_frames(frames)
-    return states if pool_stride == 1 else (states - 2) // 2 + 1
+    """Encoder output tokens (= audio placeholder tokens) for ``frames`` real mel frames: the stride-2
+    conv's frames, average-pooled ``pool_stride`` at a time (2 in Qwen2.5-Omni; 1: no pooling, Whisper)."""
+    return conv_output_frames(frames) // pool_stride
 
 
 @dataclasses.dataclass(frozen=True)
 class AudioLayout:
-    """Chunked mel features and the gather indices of the pooled outputs, padded to bucket sizes (without
-    pooling, ``pool_a == pool_b``: each output is one encoder state).
+    """Chunked mel features and the gather indices of the pooled outputs, padded to bucket sizes.
 
-    ``features[c, f]`` is frame ``f`` of chunk ``c``; ``chunk_frames[c]`` its real length (0 = padding);
-    output token ``j`` averages the flattened [chunks * n_window] encoder states ``pool_a[j]`` and ``pool_b[j]``.
+    ``features[c, f]`` is frame ``f`` of chunk ``c``; ``chunk_frames[c]`` its length the encoder attends
+    over (0 = padding); output token ``j`` averages the flattened [chunks * n_window] encoder states
+    ``pool_index[j]`` (one row of ``pool_stride`` indices; a row of padding reads state 0).
     """
 
     features: np.ndarray  # [C_pad, 2 * n_window, mel] float32
     chunk_frames: np.ndarray  # [C_pad] int32
-    pool_a: np.ndarray  # [A_pad] int32
-    pool_b: np.ndarray  # [A_pad] int32
+    pool_index: np.ndarray  # [A_pad, pool_stride] int32
     tokens_per_clip: tuple[int, ...]
 
     @property
@@ -60,24 +59,36 @@ class AudioLayout:
         return int(sum(self.tokens_per_clip))
 
     def arrays(self) -> dict[str, np.ndarray]:
-        return dict(features=self.features, chunk_frames=self.chunk_frames, pool_a=self.pool_a, pool_b=self.pool_b)
+        return dict(features=self.features, chunk_frames=self.chunk_frames, pool_index=self.pool_index)
 
 
-def audio_layout(clips: Sequence[np.ndarray], cfg: AudioConfig, min_chunks: int = 4,
-                 min_tokens: int = 16) -> AudioLayout:
-    """Cut log-mel clips (each [mel, frames]) into attention chunks and index the pooled outputs."""
-    width, half = cfg.chunk_frames, cfg.n_window
-    chunks, lengths, firsts, seconds, tokens = [], [], [], [], []
+def audio_layout(clips: Sequence[np.ndarray], cfg: AudioConfig, min_chunks: int = 4, min_tokens: int = 16,
+                 real_frames: Sequence[int] | None = None) -> AudioLayout:
+    """Cut log-mel clips (each [mel, frames]) into attention chunks and index the pooled outputs.
+
+    ``real_frames`` (``cfg.full_window``): each clip is the extractor's whole padded window, which the
+    encoder attends over, and only the outputs of its first ``real_frames[i]`` frames are kept.
+    """
+    width, half, stride = cfg.chunk_frames, cfg.n_window, cfg.pool_stride
+    if cfg.full_window and real_frames is None:
+        raise ValueError("AudioConfig.full_window: audio_layout needs the real frame count of every clip")
+    chunks, lengths, rows, tokens = [], [], [], []
     for i, clip in enumerate(clips):
         clip = np.asarray(clip, np.float32)
         if clip.ndim != 2 or clip.shape[0] != cfg.num_mel_bins:
             raise ValueError(f"audio clip {i}: features have shape {list(clip.shape)}; expected "
                              f"[{cfg.num_mel_bins}, frames] log-mel features")
         frames = clip.shape[1]
-        if audio_output_tokens(frames, cfg.pool_stride) < 1:
-            raise ValueError(f"audio clip {i}: {frames} mel frames is too short; the encoder needs at least 3")
-        # Flat index (chunk * n_window + position) of every real post-conv state of this clip, in order;
-        # pooling averages consecutive pairs of them, which may straddle two chunks.
+        kept = frames if real_frames is None else int(real_frames[i])
+        if cfg.full_window and frames != width:
+            raise ValueError(f"audio clip {i}: {frames} mel frames; a full-window encoder takes the extractor's "
+                             f"padded window of {width} frames")
+        n_out = int(audio_output_tokens(kept, stride))
+        if n_out < 1:
+            raise ValueError(f"audio clip {i}: {kept} mel frames is too short; the encoder needs at least "
+                             f"{2 * stride - 1}")
+        # Flat index (chunk * n_window + position) of every post-conv state of this clip, in order;
+        # pooling averages runs of ``stride`` of them, which may straddle two chunks.
         states = []
         for start in range(0, frames, width):
             piece = clip[:, start:start + width].T  # [frames_in_chunk, mel]
@@ -85,10 +96,7 @@ def audio_layout(clips: Sequence[np.ndarray], cfg: AudioConfig, min_chunks: int 
             lengths.append(piece.shape[0])
             chunks.append(np.pad(piece, ((0, width - piece.shape[0]), (0, 0))))
         states = np.concatenate(states)
-        stride = cfg.pool_stride
-        n_out = int(audio_output_tokens(frames, stride))
-        firsts.append(states[0:stride * n_out:stride])
-        seconds.append(states[stride - 1:stride * n_out:stride])
+        rows.append(states[:stride * n_out].reshape(n_out, stride))
         tokens.append(n_out)
     c_pad = slot_bucket(len(chunks), min_chunks)
     a_pad = slot_bucket(sum(tokens), min_tokens)
@@ -96,15 +104,42 @@ def audio_layout(clips: Sequence[np.ndarray], cfg: AudioConfig, min_chunks: int 
     features[:len(chunks)] = np.stack(chunks)
     chunk_frames = np.zeros((c_pad,), np.int32)
     chunk_frames[:len(lengths)] = lengths
+    pool_index = np.zeros((a_pad, stride), np.int32)  # padded outputs read state 0; the caller drops them
+    flat = np.concatenate(rows)
+    pool_index[:len(flat)] = flat
+    return AudioLayout(features=features, chunk_frames=chunk_frames, pool_index=pool_index,
+                       tokens_per_clip=tuple(tokens))
 
-    def padded(parts):  # padded outputs read state 0 and are discarded by the caller
-        out = np.zeros((a_pad,), np.int32)
-        flat = np.concatenate(parts)
-        out[:len(flat)] = flat
-        return out
 
-    return AudioLayout(features=features, chunk_frames=chunk_frames, pool_a=padded(firsts),
-                       pool_b=padded(seconds), tokens_per_clip=tuple(tokens))
+def features_layout(features: np.ndarray, frame_mask: np.ndarray, cfg: AudioConfig) -> AudioLayout:
+    """The layout of feature-extractor outputs (``input_features`` [n, mel, frames], ``feature_attention_mask``
+    [n, frames]): each clip cut to its real frames, or whole with ``cfg.full_window``."""
+    real = np.asarray(frame_mask).sum(-1)
+    if cfg.full_window:
+        return audio_layout(list(features), cfg, real_frames=real)
+    return audio_layout([features[i, :, np.asarray(frame_mask[i]).astype(bool)].T for i in range(len(features))], cfg)
+
+
+def nearest_tokens(tokens: jax.Array, table: jax.Array) -> jax.Array:
+    """[A] id of the decoder embedding row (``table`` [V, E]) nearest (cosine) each projected step [A, E]."""
+    def unit(x):
+        x = x.astype(jnp.float32)
+        return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + 1e-12)
+    return jnp.argmax(unit(tokens) @ unit(table).T, axis=-1)
+
+
+def ctc_rows(table: jax.Array, cfg: AudioConfig) -> jax.Array:
+    """The embedding rows a CTC recogniser names: the first ``cfg.ctc_vocab`` (the text vocabulary, without
+    safety or media tokens added later), or all."""
+    return table[:cfg.ctc_vocab] if cfg.ctc_vocab else table
+
+
+def ctc_emissions(tokens: jax.Array, table: jax.Array, blank_id: int) -> jax.Array:
+    """[A] bool: which projected steps ``tokens`` [A, E] become audio tokens under ``emit="ctc"``: those whose
+    nearest token is not ``blank_id`` and differs from the previous step's (CTC's greedy collapse)."""
+    nearest = nearest_tokens(tokens, table)
+    previous = jnp.concatenate([jnp.full((1,), -1, nearest.dtype), nearest[:-1]])
+    return (nearest != blank_id) & (nearest != previous)
 
 
 class AudioAttention(nn.Module):
@@ -149,7 +184,7 @@ class AudioEncoder(nn.Module):
     config: AudioConfig
 
     @nn.compact
-    def __call__(self, features, chunk_frames, pool_a, pool_b):
+    def __call__(self, features, chunk_frames, pool_index):  # [C, F, mel], [C], [A, pool_stride]
         cfg = self.config
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         conv = dict(kernel_size=(3,), padding=((1, 1),), dtype=dtype, param_dtype=param_dtype)
@@ -164,8 +199,11 @@ class AudioEncoder(nn.Module):
                          metadata_params={nn.PARTITION_NAME: "layers"})
         x, _ = layers(cfg, name="layers")(x, mask)
         flat = x.reshape(-1, cfg.d_model)  # [C * n_window, d]
-        pooled = (jnp.take(flat, pool_a, axis=0) + jnp.take(flat, pool_b, axis=0)) / 2
-        pooled = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="ln_post", dtype=dtype, param_dtype=param_dtype)(pooled)
+        ln_post = nn.LayerNorm(epsilon=cfg.layer_norm_eps, name="ln_post", dtype=dtype, param_dtype=param_dtype)
+        if cfg.pool == "stack":  # [A, pool_stride * d]: each state normalised, then concatenated
+            pooled = jnp.take(ln_post(flat), pool_index, axis=0).reshape(pool_index.shape[0], -1)
+        else:  # [A, d]: averaged, then normalised
+            pooled = ln_post(jnp.take(flat, pool_index, axis=0).mean(axis=1))
         out = Dense((cfg.output_dim,), ("mlp", "embed"), use_bias=True, name="proj", dtype=dtype,
                     param_dtype=param_dtype)(pooled)
         # Learned audio BOS/EOS embeddings: in the checkpoint, unused by the thinker's forward pass.

@@ -100,16 +100,36 @@ class AudioConfig:
     n_window: int = 100
     output_dim: int = 3584
     layer_norm_eps: float = 1e-5  # torch.nn.LayerNorm's default, which transformers uses
-    # Average-pool the encoder states in pairs before ``ln_post`` (Qwen2.5-Omni); 1 = no pooling, as in
-    # Whisper's encoder, whose final layer norm is then ``ln_post``.
+    # Average-pool every ``pool_stride`` encoder states before ``ln_post``: 2 in Qwen2.5-Omni; 1 = no pooling,
+    # as in Whisper's encoder, whose final layer norm is then ``ln_post``; more shortens the audio tokens.
     pool_stride: int = 2
+    # Attend over the feature extractor's whole padded window, as Whisper was trained (its 30-s window:
+    # ``n_window = 1500``), and keep the outputs of the real frames only. False: Qwen2.5-Omni, whose
+    # encoder never sees the padding.
+    full_window: bool = False
+    # How ``pool_stride`` states become one token: "mean" averages them, then ``ln_post`` (Qwen2.5-Omni);
+    # "stack" applies ``ln_post`` to each (Whisper's order) and concatenates them, so ``proj`` reads
+    # ``pool_stride * d_model`` inputs (a frame-stacking adapter, as speech LLMs with a trained projector use).
+    pool: str = "mean"
+    # What reaches the decoder: "all": every pooled step's projection (Qwen2.5-Omni); "ctc": ``proj`` is a
+    # CTC recogniser over the decoder's own vocabulary: each step's projection names its nearest (cosine)
+    # token embedding, the steps naming ``blank_token_id`` (CTC's blank) or repeating the previous step's
+    # token are dropped, and the decoder reads the named tokens' own embeddings. Their count depends on the
+    # audio: the processor asks the model (``OmniProcessor(audio_emitter=)``).
+    emit: str = "all"
+    blank_token_id: int = -1
+    ctc_vocab: int = 0  # "ctc": search the first ``ctc_vocab`` embedding rows (0: all), e.g. the text vocabulary
     dtype: str = "float32"
     param_dtype: str = "float32"
 
     def __post_init__(self):
-        if self.pool_stride not in (1, 2):
-            raise ConfigError(f"AudioConfig.pool_stride={self.pool_stride!r}; expected 2 (Qwen2.5-Omni) or 1 (Whisper)")
-        _check_positive(self, ("num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+        if self.emit not in ("all", "ctc"):
+            raise ConfigError(f"AudioConfig.emit={self.emit!r}; expected 'all' or 'ctc'")
+        if self.emit == "ctc" and self.blank_token_id < 0:
+            raise ConfigError("AudioConfig.emit='ctc' needs blank_token_id (the decoder token that stands for CTC's blank)")
+        if self.pool not in ("mean", "stack"):
+            raise ConfigError(f"AudioConfig.pool={self.pool!r}; expected 'mean' (Qwen2.5-Omni) or 'stack'")
+        _check_positive(self, ("pool_stride", "num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
                                "d_model", "max_source_positions", "n_window", "output_dim"))
         if self.d_model % self.encoder_attention_heads:
             raise ConfigError(f"AudioConfig: d_model={self.d_model} is not divisible by "
@@ -138,18 +158,21 @@ class AudioConfig:
             raise ConfigError(f"{where}: activation_function={act!r} is not supported (expected 'gelu')")
         if cfg.get("scale_embedding"):
             raise ConfigError(f"{where}: scale_embedding=true is not supported (Qwen2.5-Omni does not use it)")
-        kept = {f.name for f in dataclasses.fields(cls)} - {"layer_norm_eps", "dtype", "param_dtype", "pool_stride"}
+        kept = {f.name for f in dataclasses.fields(cls)} - {"layer_norm_eps", "dtype", "param_dtype"}
         try:
             return cls(**{k: cfg[k] for k in kept if k in cfg}, **policy)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from e
 
 
-def encoder_configs(spec, **policy) -> tuple[VisionConfig, AudioConfig]:
-    """The vision and audio configs of a thinker ``ModelSpec`` (``policy``: dtype / param_dtype)."""
+def encoder_configs(spec, **policy) -> tuple[VisionConfig | None, AudioConfig]:
+    """The vision and audio configs of a thinker ``ModelSpec`` (``policy``: dtype / param_dtype). A thinker
+    without a ``vision_config`` (an audio-only one, such as ``io/omni_mini``'s) has vision None."""
     thinker = spec.thinker_config()
-    for name in ("vision_config", "audio_config"):
-        if not isinstance(thinker.get(name), Mapping):
-            raise ConfigError(f"the thinker config has no {name!r} object")
-    return (VisionConfig.from_hf(thinker["vision_config"], **policy),
+    if not isinstance(thinker.get("audio_config"), Mapping):
+        raise ConfigError("the thinker config has no 'audio_config' object")
+    vision = thinker.get("vision_config")
+    if vision is not None and not isinstance(vision, Mapping):
+        raise ConfigError("the thinker config's 'vision_config' must be a JSON object")
+    return (None if vision is None else VisionConfig.from_hf(vision, **policy),
             AudioConfig.from_hf(thinker["audio_config"], **policy))

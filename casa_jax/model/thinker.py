@@ -15,7 +15,7 @@ import flax.struct
 import jax
 import numpy as np
 
-from casa_jax.model.audio_encoder import AudioEncoder, audio_layout
+from casa_jax.model.audio_encoder import AudioEncoder, ctc_rows, features_layout, nearest_tokens
 from casa_jax.model.config import ConfigError, ModelSpec, TextConfig
 from casa_jax.model.encoder_config import AudioConfig, VisionConfig, encoder_configs
 from casa_jax.model.kv_cache import KVCache
@@ -40,8 +40,7 @@ class VisionInputs:
 class AudioInputs:
     features: jax.Array  # [C_pad, 2 * n_window, mel]
     chunk_frames: jax.Array  # [C_pad]
-    pool_a: jax.Array  # [A_pad]
-    pool_b: jax.Array  # [A_pad]
+    pool_index: jax.Array  # [A_pad, pool_stride]
     targets: jax.Array  # [A_pad] flat token slot; B * T = dropped padding
 
 
@@ -87,6 +86,7 @@ def prepare_thinker_inputs(
     input_features: np.ndarray | None = None,  # [n_audios, mel, frames]
     feature_attention_mask: np.ndarray | None = None,  # [n_audios, frames]
     use_audio_in_video: bool = False,
+    audio_emit: Sequence[np.ndarray] | None = None,  # per clip [steps] bool (``AudioConfig.emit="ctc"``)
 ) -> ThinkerInputs:
     """Processor outputs (``Qwen2_5OmniProcessor`` names) -> ``ThinkerInputs`` (NumPy leaves)."""
     input_ids = np.asarray(input_ids, np.int64)
@@ -135,12 +135,23 @@ def prepare_thinker_inputs(
         frame_mask = (np.ones(feats.shape[::2], np.int64) if feature_attention_mask is None
                       else np.asarray(feature_attention_mask))
         audio_frames = frame_mask.sum(-1)
-        clips = [feats[i, :, frame_mask[i].astype(bool)].T for i in range(feats.shape[0])]
-        layout = audio_layout(clips, audio)
-        _check_count("audio", tokens.audio_token_id, real_ids, layout.num_tokens,
-                     f"input_features with {audio_frames.tolist()} mel frames")
-        audio_inputs = AudioInputs(**layout.arrays(), targets=_targets(
-            real_ids, [tokens.audio_token_id], layout.num_tokens, layout.pool_a.shape[0]))
+        layout = features_layout(feats, frame_mask, audio)
+        padded = layout.pool_index.shape[0]
+        if audio.emit == "ctc":
+            if audio_emit is None or [len(m) for m in audio_emit] != list(layout.tokens_per_clip):
+                raise ValueError("audio: an emit='ctc' encoder needs audio_emit, one [steps] mask per clip with "
+                                 f"{list(layout.tokens_per_clip)} steps (the processor's audio_emitter computes it)")
+            emit = np.concatenate([np.asarray(m, bool) for m in audio_emit])
+            _check_count("audio", tokens.audio_token_id, real_ids, int(emit.sum()),
+                         f"audio_emit (CTC emissions of {audio_frames.tolist()} mel frames)")
+            slots = _targets(real_ids, [tokens.audio_token_id], int(emit.sum()), int(emit.sum()))
+            targets = np.full((padded,), real_ids.size, np.int32)  # steps that emit nothing are dropped
+            targets[np.flatnonzero(emit)] = slots
+        else:
+            _check_count("audio", tokens.audio_token_id, real_ids, layout.num_tokens,
+                         f"input_features with {audio_frames.tolist()} mel frames")
+            targets = _targets(real_ids, [tokens.audio_token_id], layout.num_tokens, padded)
+        audio_inputs = AudioInputs(**layout.arrays(), targets=targets)
 
     positions, deltas = get_rope_index(
         input_ids, mask, image_grid_thw=image_grid_thw, video_grid_thw=video_grid_thw,
@@ -157,16 +168,17 @@ class Thinker:
     ``{"visual": ..., "audio_tower": ...}`` tree of a converted checkpoint."""
 
     text: TextConfig
-    vision: VisionConfig
+    vision: VisionConfig | None  # None: an audio-only thinker (no vision tower)
     audio: AudioConfig
     tokens: ThinkerTokens = ThinkerTokens()
     lora: LoraSpec = LoraSpec()  # the decoder's adapters (``CausalLM(text, lora)``)
 
     def __post_init__(self):
         width = self.text.hidden_size
-        if self.vision.out_hidden_size != width or self.audio.output_dim != width:
+        vision_width = width if self.vision is None else self.vision.out_hidden_size
+        if vision_width != width or self.audio.output_dim != width:
             raise ConfigError(f"encoder outputs must have the decoder's width {width}: vision out_hidden_size="
-                              f"{self.vision.out_hidden_size}, audio output_dim={self.audio.output_dim}")
+                              f"{vision_width}, audio output_dim={self.audio.output_dim}")
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, lora: LoraSpec = LoraSpec(), **policy) -> "Thinker":
@@ -187,7 +199,7 @@ class Thinker:
         return VisionEncoder(self.vision).apply({"params": encoders["visual"]}, **fields)
 
     def encode_audio(self, encoders, audio: AudioInputs) -> jax.Array:  # -> [A_pad, E]
-        fields = {k: getattr(audio, k) for k in ("features", "chunk_frames", "pool_a", "pool_b")}
+        fields = {k: getattr(audio, k) for k in ("features", "chunk_frames", "pool_index")}
         return AudioEncoder(self.audio).apply({"params": encoders["audio_tower"]}, **fields)
 
     def embed(self, params, encoders, inputs: ThinkerInputs) -> jax.Array:
@@ -200,7 +212,11 @@ class Thinker:
             feats = self.encode_vision(encoders, inputs.vision).astype(flat.dtype)
             flat = flat.at[inputs.vision.targets].set(feats, mode="drop")
         if inputs.audio is not None:
-            feats = self.encode_audio(encoders, inputs.audio).astype(flat.dtype)
+            feats = self.encode_audio(encoders, inputs.audio)
+            if self.audio.emit == "ctc":  # the recognised tokens' own embeddings
+                ids = nearest_tokens(feats, ctc_rows(params["embed_tokens"]["embedding"], self.audio))
+                feats = self.decoder.apply({"params": params}, ids[None], method=CausalLM.embed)[0]
+            feats = feats.astype(flat.dtype)
             flat = flat.at[inputs.audio.targets].set(feats, mode="drop")
         return flat.reshape(batch, length, width)
 
@@ -214,18 +230,19 @@ class Thinker:
                                   return_logits=return_logits)
 
 
-def init_encoders(vision: VisionConfig, audio: AudioConfig, key: jax.Array, unbox: bool = True) -> dict:
+def init_encoders(vision: VisionConfig | None, audio: AudioConfig, key: jax.Array, unbox: bool = True) -> dict:
     """Random ``{"visual", "audio_tower"}`` encoder params (flax's default initialisers), e.g. for tiny
     demo thinkers; ``unbox=False`` keeps the logical-axis boxes (sizing under ``jax.eval_shape``)."""
     import flax.linen as nn
 
     from casa_jax.model.vision_layout import window_capacity
-    n = window_capacity(vision) * vision.merge_unit  # one full window slot of patches
-    visual = VisionEncoder(vision).init(
-        jax.random.fold_in(key, 0), np.zeros((n, vision.patch_dim), np.float32), np.arange(n),
-        np.zeros((n, 2), np.int32), np.zeros(n, np.int32), np.arange(n // vision.merge_unit))
-    tower = AudioEncoder(audio).init(
+    trees = {}
+    if vision is not None:
+        n = window_capacity(vision) * vision.merge_unit  # one full window slot of patches
+        trees["visual"] = VisionEncoder(vision).init(
+            jax.random.fold_in(key, 0), np.zeros((n, vision.patch_dim), np.float32), np.arange(n),
+            np.zeros((n, 2), np.int32), np.zeros(n, np.int32), np.arange(n // vision.merge_unit))["params"]
+    trees["audio_tower"] = AudioEncoder(audio).init(
         jax.random.fold_in(key, 1), np.zeros((1, audio.chunk_frames, audio.num_mel_bins), np.float32),
-        np.ones(1, np.int32), np.zeros(4, np.int32), np.zeros(4, np.int32))
-    trees = {"visual": visual["params"], "audio_tower": tower["params"]}
+        np.ones(1, np.int32), np.zeros((4, audio.pool_stride), np.int32))["params"]
     return nn.unbox(trees) if unbox else trees
