@@ -175,3 +175,28 @@ def test_real_model_demo_pipeline_on_a_tiny_gguf(gguf_file, tmp_path):
     (tmp_path / "eval" / "casa" / "demo_key.json").write_text("{}")  # a changed key re-evaluates
     assert smollm2._evaluate_once("casa", str(tmp_path / "casa" / "checkpoint"), str(tmp_path / "eval" / "casa"),
                                   {}, lambda: {"fresh": True}) == {"fresh": True}
+
+
+def test_omni_mini_demo_pipeline_on_a_tiny_gguf(gguf_file, tmp_path):
+    """``--model=omni_mini`` shortened, on the tiny GGUF and the real Whisper tower: text-only CASA and SSFT,
+    the CTC projector on benign speech, composition, the transfer table with spoken / spelling / text /
+    benign rows, the listening measures; a second run reuses every stage."""
+    from conftest import espeak_or_skip
+    espeak_or_skip()
+    from casa_jax.demos import omni_mini
+    small = {"batch_size": 8, "data.num_harmful": 8, "data.heldout_per_class": 4, "data.self_answer_tokens": 4,
+             "data.max_length": 256}
+    kwargs = dict(gguf=gguf_file, steps=2, align_steps=3, per_suite=2, benign=2, max_new_tokens=4, overrides=small,
+                  listen_overrides={"pool_stride": 2, "per_prompt": 1, "spell_words": 2}, n_transcribe=2)
+    out = omni_mini.run(str(tmp_path), **kwargs)
+    assert list(out["reports"]) == ["base", "casa", "ssft"]
+    for name, report in out["reports"].items():
+        assert {r["suite"] for r in report["suites"]} == set(omni_mini.SUITES), name
+    assert "| benign_spoken (over-refusal) | audio |" in out["table"] and "| spoken | audio |" in out["table"]
+    assert set(out["goal"]) >= {"base_spoken_asr", "spoken_reduction", "spelling_reduction", "met"}
+    listening = out["listening"]
+    assert listening["recogniser_wer_harmful"]["n"] == 2 and listening["answer_agreement_rouge_l"]["n"] == 2
+    assert (tmp_path / "report.md").exists() and (tmp_path / "omni" / "casa").is_dir()
+    assert (tmp_path / "text" / "targets.json").exists()  # the text stages live in the text workdir
+    again = omni_mini.run(str(tmp_path), **kwargs)  # every stage reused
+    assert again["table"] == out["table"] and again["listening"] == listening

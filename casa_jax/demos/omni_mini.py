@@ -225,8 +225,8 @@ def run(workdir: str, text_workdir: str | None = None, gguf: str | None = None, 
         with open(listening_path) as f:
             listening = json.load(f)
     else:
-        listening = listening_quality(engines.get("base") or Engine.load(ckpts["base"]),
-                                      os.path.join(workdir, "eval", "base"), n_transcribe)
+        listening = json.loads(json.dumps(listening_quality(  # as a reused run reads it back
+            engines.get("base") or Engine.load(ckpts["base"]), os.path.join(workdir, "eval", "base"), n_transcribe)))
         write_text_atomic(listening_path, json.dumps(listening, indent=2))
 
     table = comparison_table(reports, SUITES)

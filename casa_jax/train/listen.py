@@ -79,7 +79,7 @@ def listening_examples(records: Sequence[dict], voices: Sequence[tuple] = VOICES
             else:
                 out.append(ListenExample(rng.choice(ANSWER_INSTRUCTIONS), wave, r["target"], bool(r["ends_turn"]),
                                          "answer", r["prompt"]))
-        answer = speakable(r["target"]) if speak_answers else ""
+        answer = speakable(r["target"], 16) if speak_answers else ""
         if len(answer.split()) >= 3:
             voice, wpm, pitch, gap = rng.choice(list(voices))
             out.append(ListenExample(TRANSCRIBE_INSTRUCTION, speak(answer, wpm, voice, pitch, gap), answer, True,
@@ -216,6 +216,8 @@ def align_projector(engine, examples: Sequence[ListenExample], steps: int = 300,
     for j, i in enumerate(keep):
         x[j, :len(states[i])], x_pad[j, :len(states[i])] = states[i], 0.0
         y[j, :len(labels[i])], y_pad[j, :len(labels[i])] = [index[t] for t in labels[i]], 0.0
+    lengths = np.asarray([len(states[i]) for i in keep])
+    label_lengths = np.asarray([len(labels[i]) for i in keep])
     d_in, d_out = x.shape[-1], table.shape[-1]
     rng = np.random.default_rng(seed)
     params = {"kernel": (rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)).astype(np.float32),
@@ -242,7 +244,9 @@ def align_projector(engine, examples: Sequence[ListenExample], steps: int = 300,
         if len(order) < batch_size:
             order += rng.permutation(len(keep)).tolist()
         b, order = np.asarray(order[:batch_size]), order[batch_size:]
-        params, opt_state, loss = step(params, opt_state, x[b], x_pad[b], y[b], y_pad[b])
+        t = min(t_max, -(-int(lengths[b].max()) // 16) * 16)  # the batch's own length (a few shapes compile)
+        n = min(n_max, -(-int(label_lengths[b].max()) // 8) * 8)
+        params, opt_state, loss = step(params, opt_state, x[b, :t], x_pad[b, :t], y[b, :n], y_pad[b, :n])
         metrics.append({"step": n + 1, "ctc_loss": float(loss)})
     # Directions are what CTC learnt; give the outputs the embeddings' typical norm.
     out = jax.tree.map(np.asarray, {"kernel": params["kernel"], "bias": params["bias"]})
