@@ -201,6 +201,9 @@ def test_ctc_alignment_lowers_its_loss_on_benign_speech(ctc_engine):
                                     progress=False, common_tokens=16)
     assert proj["kernel"].shape == (POOL * 384, ctc_engine.spec.text.hidden_size)
     assert metrics[-1]["ctc_loss"] < 0.5 * metrics[0]["ctc_loss"]
+    from casa_jax.train.listen import train_projector
+    with pytest.raises(ValueError, match="use align_projector"):  # no gradient reaches a CTC tower's proj
+        train_projector(ctc_engine, examples, steps=1, progress=False)
 
 
 def test_casa_trains_on_text_only_from_the_omni_checkpoint_and_gates_spoken_prompts(ctc_engine, speech, tmp_path):

@@ -134,12 +134,17 @@ def ctc_rows(table: jax.Array, cfg: AudioConfig) -> jax.Array:
     return table[:cfg.ctc_vocab] if cfg.ctc_vocab else table
 
 
-def ctc_emissions(tokens: jax.Array, table: jax.Array, blank_id: int) -> jax.Array:
-    """[A] bool: which projected steps ``tokens`` [A, E] become audio tokens under ``emit="ctc"``: those whose
-    nearest token is not ``blank_id`` and differs from the previous step's (CTC's greedy collapse)."""
-    nearest = nearest_tokens(tokens, table)
+def ctc_collapse(nearest: jax.Array, blank_id: int) -> jax.Array:
+    """[A] bool: the steps whose token ``nearest`` [A] is not ``blank_id`` and differs from the previous
+    step's (CTC's greedy collapse)."""
     previous = jnp.concatenate([jnp.full((1,), -1, nearest.dtype), nearest[:-1]])
     return (nearest != blank_id) & (nearest != previous)
+
+
+def ctc_emissions(tokens: jax.Array, table: jax.Array, blank_id: int) -> jax.Array:
+    """[A] bool: which projected steps ``tokens`` [A, E] become audio tokens under ``emit="ctc"``
+    (``ctc_collapse`` of their nearest tokens)."""
+    return ctc_collapse(nearest_tokens(tokens, table), blank_id)
 
 
 class AudioAttention(nn.Module):

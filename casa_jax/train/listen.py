@@ -105,8 +105,7 @@ def encode_examples(processor, tokenizer, examples: Sequence[ListenExample], max
             target = target + [end]
         out.append({"prompt": arrays["input_ids"][0][arrays["attention_mask"][0] == 1],
                     "target": np.asarray(target, np.int64), "features": arrays["input_features"][0],
-                    "frames": arrays["feature_attention_mask"][0], "task": e.task,
-                    "emit": arrays["audio_emit"][0] if "audio_emit" in arrays else None})
+                    "frames": arrays["feature_attention_mask"][0], "task": e.task})
     return out
 
 
@@ -126,8 +125,6 @@ def collate(encoded: Sequence[dict], pad_id: int, multiple: int = 32) -> tuple[d
     arrays = {"input_ids": ids, "attention_mask": mask,
               "input_features": np.stack([e["features"] for e in encoded]),
               "feature_attention_mask": np.stack([e["frames"] for e in encoded])}
-    if encoded[0]["emit"] is not None:
-        arrays["audio_emit"] = [e["emit"] for e in encoded]
     return arrays, loss
 
 
@@ -154,20 +151,14 @@ def make_listen_step(thinker, optimizer):
     return step
 
 
-def tower_states(engine, waves: Sequence[np.ndarray], batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
-    """The projector's inputs for each clip: Whisper's states, normalised and stacked [n_i, pool_stride * d]
-    (the audio tower with an identity projection), computed once for the alignment stage."""
+def _tower_outputs(engine, waves: Sequence[np.ndarray], cfg, tower: dict, batch_size: int = 8,
+                   progress: bool = False) -> list[np.ndarray]:
+    """``AudioEncoder(cfg)`` with ``tower``'s params over each clip's real steps: one [n_i, output_dim] array per clip."""
     import jax
+    from tqdm.auto import tqdm
 
     from casa_jax.model.audio_encoder import AudioEncoder, features_layout
-    cfg = engine.thinker.audio
-    width = cfg.pool_stride * cfg.d_model if cfg.pool == "stack" else cfg.d_model
-    identity_cfg = dataclasses.replace(cfg, output_dim=width, emit="all")
-    tower = dict(engine.weights.encoders["audio_tower"], proj={"kernel": np.eye(width, dtype=np.float32),
-                                                               "bias": np.zeros(width, np.float32)},
-                 audio_bos_eos_token=np.zeros((2, width), np.float32))
-    encode = jax.jit(lambda t, **arrays: AudioEncoder(identity_cfg).apply({"params": t}, **arrays))
-    from tqdm.auto import tqdm
+    encode = jax.jit(lambda t, **arrays: AudioEncoder(cfg).apply({"params": t}, **arrays))
     processor = engine.processor()
     out = []
     for start in tqdm(range(0, len(waves), batch_size), desc="whisper states", unit="batch", disable=not progress):
@@ -177,6 +168,18 @@ def tower_states(engine, waves: Sequence[np.ndarray], batch_size: int = 8, progr
         offsets = np.cumsum((0,) + layout.tokens_per_clip)
         out += [states[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
     return out
+
+
+def tower_states(engine, waves: Sequence[np.ndarray], batch_size: int = 8, progress: bool = False) -> list[np.ndarray]:
+    """The projector's inputs for each clip: Whisper's states, normalised and stacked [n_i, pool_stride * d]
+    (the audio tower with an identity projection), computed once for the alignment stage."""
+    cfg = engine.thinker.audio
+    width = cfg.pool_stride * cfg.d_model if cfg.pool == "stack" else cfg.d_model
+    identity_cfg = dataclasses.replace(cfg, output_dim=width, emit="all")
+    tower = dict(engine.weights.encoders["audio_tower"], proj={"kernel": np.eye(width, dtype=np.float32),
+                                                               "bias": np.zeros(width, np.float32)},
+                 audio_bos_eos_token=np.zeros((2, width), np.float32))
+    return _tower_outputs(engine, waves, identity_cfg, tower, batch_size, progress)
 
 
 def align_projector(engine, examples: Sequence[ListenExample], steps: int = 300, batch_size: int = 32,
@@ -257,21 +260,17 @@ def align_projector(engine, examples: Sequence[ListenExample], steps: int = 300,
 
 
 def recognise(engine, waves: Sequence[np.ndarray], batch_size: int = 8) -> list[str]:
-    """What an ``emit="ctc"`` audio tower hears in each clip: the text of the tokens it hands the decoder."""
-    from casa_jax.model.audio_encoder import AudioEncoder, ctc_rows, features_layout, nearest_tokens
+    """What an ``emit="ctc"`` audio tower hears in each clip: the text of the tokens it hands the decoder
+    (one pass of the tower; the same nearest-token and collapse rule as ``Engine.audio_emissions``)."""
+    from casa_jax.model.audio_encoder import ctc_collapse, ctc_rows, nearest_tokens
     cfg = engine.thinker.audio
     if cfg.emit != "ctc":
         raise ValueError(f"{engine.name}: recognise needs an emit='ctc' audio tower (this one is emit={cfg.emit!r})")
-    processor, out = engine.processor(), []
     table = ctc_rows(engine.weights.params["embed_tokens"]["embedding"], cfg)
-    for start in range(0, len(waves), batch_size):
-        arrays = processor.audio(list(waves[start:start + batch_size]))
-        emits = engine.audio_emissions(arrays["input_features"], arrays["feature_attention_mask"])
-        layout = features_layout(arrays["input_features"], arrays["feature_attention_mask"], cfg)
-        steps = AudioEncoder(cfg).apply({"params": engine.weights.encoders["audio_tower"]}, **layout.arrays())
-        ids = np.asarray(nearest_tokens(steps, table))
-        offsets = np.cumsum((0,) + layout.tokens_per_clip)
-        out += [engine.tokenizer.decode(ids[a:b][m]) for a, b, m in zip(offsets[:-1], offsets[1:], emits)]
+    out = []
+    for steps in _tower_outputs(engine, waves, cfg, engine.weights.encoders["audio_tower"], batch_size):
+        ids = nearest_tokens(steps, table)
+        out.append(engine.tokenizer.decode(np.asarray(ids)[np.asarray(ctc_collapse(ids, cfg.blank_token_id))]))
     return out
 
 
@@ -301,6 +300,10 @@ def train_projector(engine, examples: Sequence[ListenExample], steps: int, batch
         raise ValueError(f"{engine.name}: teaching to listen needs a thinker with an audio tower")
     if engine.weights.lora is not None:
         raise ValueError(f"{engine.name}: the projector is trained on the base model (this one has LoRA adapters)")
+    if engine.thinker.audio.emit != "all":
+        raise ValueError(f"{engine.name}: self-distillation trains a projector the decoder reads as it is (emit='all'); "
+                         f"this tower is emit={engine.thinker.audio.emit!r}, whose decoder reads snapped token "
+                         "embeddings (no gradient reaches proj): use align_projector")
     processor, tokenizer = engine.processor(), engine.tokenizer
     t0 = time.time()
     encoded = encode_examples(processor, tokenizer, examples, max_target_tokens)
