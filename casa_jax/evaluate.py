@@ -23,6 +23,7 @@ import os
 
 from absl import app, flags
 
+from casa_jax import storage
 from casa_jax.cli import exit_on_bad_input, quiet_libraries, run
 from casa_jax.eval.run import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_SUITES, evaluate, print_summary, rejudge,
                                report_names)
@@ -66,7 +67,7 @@ def main(argv):
         unknown = sorted(set(FLAGS.suites) - set(SUITES))
         if unknown and not FLAGS.prompts:
             raise InputError(f"--suites: unknown suites {unknown}; expected some of {SUITES}")
-        if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+        if storage.isfile(FLAGS.workdir):
             raise InputError(f"--workdir={FLAGS.workdir} is a file; expected a directory for the reports")
         names = report_names(FLAGS.ckpt_dir)
         for ckpt in FLAGS.ckpt_dir:  # every input checked before the first long evaluation starts
@@ -74,10 +75,10 @@ def main(argv):
         reports = {}
         for name, ckpt in zip(names, FLAGS.ckpt_dir):
             if FLAGS.from_results:
-                reports[name] = rejudge(os.path.join(FLAGS.workdir, name), judge)
+                reports[name] = rejudge(storage.join(FLAGS.workdir, name), judge)
                 continue
             engine = Engine.load(ckpt)  # one at a time: its weights are freed before the next loads
-            reports[name] = evaluate(engine, os.path.join(FLAGS.workdir, name), FLAGS.suites, FLAGS.prompts,
+            reports[name] = evaluate(engine, storage.join(FLAGS.workdir, name), FLAGS.suites, FLAGS.prompts,
                                      FLAGS.per_suite, FLAGS.max_new_tokens, FLAGS.safety_prompt, FLAGS.seed,
                                      FLAGS.benchmark, judge, split=FLAGS.split)
     print_summary(reports, FLAGS.workdir)

@@ -1,6 +1,5 @@
 """Path guards shared by the commands that write: an output must never be, contain or lie inside one of
-its own inputs (a careless ``--overwrite`` would otherwise delete what it was asked to read), and small
-files are replaced atomically (a reader never sees half a file)."""
+its own inputs (a careless ``--overwrite`` would otherwise delete what it was asked to read)."""
 
 from __future__ import annotations
 
@@ -28,11 +27,3 @@ def refuse_overlap(outputs: Mapping[str, str | None], inputs: Mapping[str, str |
                        "contains" if _real(src).startswith(_real(out).rstrip(os.sep) + os.sep) else "lies inside")
                 raise error(f"{out_name}={out} {how} {in_name}={src}: writing there could destroy the input; "
                             f"choose an output outside it")
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a ``.partial-<pid>`` sibling renamed into place."""
-    tmp = f"{path}.partial-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)

@@ -26,6 +26,7 @@ from casa_jax.casa.safety_attention import SafetyAttention
 from casa_jax.casa.safety_tokens import add_safety_tokens
 from casa_jax.train.step import OptimConfig, init_state, make_eval_fn, make_optimizer, make_train_step
 from casa_jax.model.rope import positions_from_mask
+from casa_jax.model.text_decoder import CausalLM
 from casa_jax.sharding import decoder_shardings, make_mesh, place, replicated, rules_context
 from casa_jax.train.placement import batch_sharding, global_batch, state_shardings
 
@@ -180,8 +181,14 @@ def test_lm_loss_per_example_gives_each_example_one_vote(accumulation):
     mask = np.asarray(batch.loss_mask)[:, 1:]
     means = (nll * mask).sum(-1) / mask.sum(-1)
     want = float((np.asarray(weights) * means).sum() / np.asarray(weights).sum())
-    assert float(lm_loss(logits, batch, weights, per="example")) == pytest.approx(want, rel=1e-5)
-    assert abs(float(lm_loss(logits, batch, weights)) - want) > 1e-3 * want
+    variables = {"params": frozen["params"], "lora": trainable["lora"]}
+    hidden = setup.decoder.apply(variables, batch.input_ids, positions_from_mask(batch.attention_mask),
+                                 batch.attention_mask, return_logits=False).final_hidden
+    head = lambda h: setup.decoder.apply(variables, h, method=CausalLM.head)  # noqa: E731
+    for chunk in (5, 64):  # uneven chunks of the sequence (padded last one), and one chunk
+        got = float(lm_loss(head, hidden, batch, weights, per="example", chunk=chunk))
+        assert got == pytest.approx(want, rel=1e-5), chunk
+    assert abs(float(lm_loss(head, hidden, batch, weights)) - want) > 1e-3 * want
     _, full = _one_sgd_step("ssft", per_example, trainable, frozen, batch, 1)
     _, acc = _one_sgd_step("ssft", per_example, trainable, frozen, batch, 2)
     assert acc["loss"] == pytest.approx(full["loss"], rel=1e-5) and full["loss"] == pytest.approx(want, rel=1e-5)
@@ -200,6 +207,21 @@ def test_eval_step_applies_no_dropout(accumulation, objective):
     train_loss = jax.jit(lambda key: LOSSES[objective](dropped, trainable, frozen, batch, key, 1.0)[0])
     a, b = float(train_loss(jax.random.key(0))), float(train_loss(jax.random.key(1)))
     assert a != b and abs(a - want["loss"]) > 1e-4 * abs(want["loss"]), (a, b, want["loss"])
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_micro_batched_eval_equals_one_pass(accumulation, objective):
+    """The held-out eval runs a few rows at a time (its logits never whole) and still gives the one-pass
+    metrics, uneven last micro-batch included. Negative control: the mean of the micro-batches' own
+    metrics (each normalised by itself) differs."""
+    setup, trainable, frozen, batch = accumulation[objective]
+    rows = batch.input_ids.shape[0]
+    one_pass = jax.tree.map(float, make_eval_fn(objective, setup, micro_batch=rows)(trainable, frozen, batch))
+    parts = jax.tree.map(float, make_eval_fn(objective, setup, micro_batch=rows // 2 + 1)(trainable, frozen, batch))
+    assert parts == pytest.approx(one_pass, rel=1e-5)
+    halves = [jax.tree.map(lambda x, s=s: x[s], batch) for s in (slice(0, rows // 2 + 1), slice(rows // 2 + 1, None))]
+    naive = np.mean([float(make_eval_fn(objective, setup, rows)(trainable, frozen, h)["loss"]) for h in halves])
+    assert abs(naive - one_pass["loss"]) > 1e-4 * abs(one_pass["loss"])
 
 
 def _train_cmd(workdir, *extra):

@@ -74,6 +74,8 @@ class ObjectiveSetup:
     ids: SafetyTokenIds | None = None
     circuit_breaker: CircuitBreakerConfig = CircuitBreakerConfig()
     lora: LoraSpec = LoraSpec()  # the adapters being trained
+    # positions per chunk of the LM loss: the head's fp32 logits exist for one chunk at a time, never [B, T, V]
+    loss_chunk: int = 128
 
     @property
     def decoder(self) -> CausalLM:
@@ -107,16 +109,42 @@ def _lm_token_weights(batch: TrainBatch, weights: jax.Array, per: str = "token")
     return mask * weights[:, None]
 
 
-def lm_loss(logits: jax.Array, batch: TrainBatch, weights: jax.Array, denominator=None, per: str = "token") -> jax.Array:
+def token_nll(head: Callable, hidden: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+    """-log p(target) [B, T] from final hidden states [B, T, E] and targets [B, T], through ``head`` (hidden
+    -> fp32 logits) ``chunk`` positions at a time; each chunk's logits are recomputed in the backward pass
+    (``jax.checkpoint``), so peak memory holds one chunk's [B, chunk, V], not the sequence's."""
+    batch, length, width = hidden.shape
+    chunk = max(1, min(chunk, length))
+    pieces = -(-length // chunk)
+    pad = pieces * chunk - length
+    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(batch, pieces, chunk, width).swapaxes(0, 1)
+    t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(batch, pieces, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one(piece):
+        h, t = piece
+        logits = head(h)  # [B, chunk, V] float32
+        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+
+    return jax.lax.map(one, (h, t)).swapaxes(0, 1).reshape(batch, pieces * chunk)[:, :length]
+
+
+def lm_loss(head: Callable, hidden: jax.Array, batch: TrainBatch, weights: jax.Array, denominator=None,
+            per: str = "token", chunk: int = 128) -> jax.Array:
     """Weighted mean next-token NLL over target tokens (the token at t is predicted from t - 1), averaged
-    per token or per example (``per``). ``denominator``: the full batch's total weight when ``batch`` is
-    one micro-batch of it."""
-    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, batch.input_ids[:, 1:, None], axis=-1)[..., 0]
+    per token or per example (``per``), from the final hidden states [B, T, E] through ``head`` in chunks
+    (``token_nll``). ``denominator``: the full batch's total weight when ``batch`` is one micro-batch of it."""
+    nll = token_nll(head, hidden[:, :-1], batch.input_ids[:, 1:], chunk)
     mask = _lm_token_weights(batch, weights, per)
     if denominator is None:
         denominator = jnp.maximum(jnp.sum(mask), 1e-6)
     return jnp.sum(nll * mask) / denominator
+
+
+def _head(setup: ObjectiveSetup, trainable, frozen) -> Callable:
+    """final hidden states [..., E] -> fp32 logits [..., V]: the decoder's LM head alone."""
+    variables = _variables(trainable, frozen)
+    return lambda hidden: setup.decoder.apply(variables, hidden, method=CausalLM.head)
 
 
 def _dropout(rng) -> dict:
@@ -160,9 +188,10 @@ def casa_safety_logits(setup: ObjectiveSetup, trainable, frozen, batch: TrainBat
     cfg, ids = setup.casa, setup.ids
     layers = () if cfg.hidden_layer < 0 else (cfg.hidden_layer,)
     out = setup.decoder.apply(_variables(trainable, frozen), batch.input_ids, positions_from_mask(batch.attention_mask),
-                              batch.attention_mask, hidden_layers=layers, rngs=_dropout(rng))
+                              batch.attention_mask, hidden_layers=layers, return_logits=False, rngs=_dropout(rng))
     v_logit = safety_v_logit(setup, trainable["safety"], frozen["unsafe_query"], out, batch)
-    step_logits = jnp.take_along_axis(out.logits, jnp.maximum(batch.safety_index - 1, 0)[:, None, None], axis=1)[:, 0]
+    before = jnp.take_along_axis(out.final_hidden, jnp.maximum(batch.safety_index - 1, 0)[:, None, None], axis=1)
+    step_logits = _head(setup, trainable, frozen)(before)[:, 0]  # the LM head at that one position: [B, V]
     return out, v_logit, safety_pair_logits(step_logits, v_logit, ids.safe, ids.unsafe, cfg.scaling)
 
 
@@ -176,7 +205,8 @@ def casa_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng, 
     safety_nll = -jnp.take_along_axis(logp, batch.label[:, None], axis=-1)[:, 0]
     scored = batch.safety_weight  # forced-token rows carry no safety loss and no safety metrics
     safety = jnp.sum(safety_nll * weights * scored) / norms["safety"]
-    lm = lm_loss(out.logits, batch, weights, norms["lm"], cfg.lm_loss_per)
+    lm = lm_loss(_head(setup, trainable, frozen), out.final_hidden, batch, weights, norms["lm"], cfg.lm_loss_per,
+                 setup.loss_chunk)
     correct = (jnp.argmax(pair, -1) == batch.label).astype(jnp.float32)
     return cfg.safety_loss_weight * safety + lm, {
         "safety_loss": safety, "lm_loss": lm, "safety_accuracy": jnp.sum(correct * scored) / norms["examples"],
@@ -187,8 +217,9 @@ def ssft_loss(setup: ObjectiveSetup, trainable, frozen, batch: TrainBatch, rng, 
     del progress
     norms = ssft_normalizers(setup, batch) if norms is None else norms
     out = setup.decoder.apply(_variables(trainable, frozen), batch.input_ids, positions_from_mask(batch.attention_mask),
-                              batch.attention_mask, rngs=_dropout(rng))
-    lm = lm_loss(out.logits, batch, _example_weights(batch, setup.casa.beta), norms["lm"], setup.casa.lm_loss_per)
+                              batch.attention_mask, return_logits=False, rngs=_dropout(rng))
+    lm = lm_loss(_head(setup, trainable, frozen), out.final_hidden, batch, _example_weights(batch, setup.casa.beta),
+                 norms["lm"], setup.casa.lm_loss_per, setup.loss_chunk)
     return lm, {"lm_loss": lm}
 
 

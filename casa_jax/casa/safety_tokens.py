@@ -13,9 +13,11 @@ import copy
 import dataclasses
 from typing import Any, Mapping
 
+import jax.numpy as jnp
 import numpy as np
 
 from casa_jax.casa.config import CasaConfig
+from casa_jax.distributed import to_host
 from casa_jax.model.config import OMNI, OMNI_THINKER, ModelSpec
 
 
@@ -49,7 +51,7 @@ def with_vocab_size(spec: ModelSpec, vocab_size: int) -> ModelSpec:
     return dataclasses.replace(spec, text=spec.text.replace(vocab_size=vocab_size), hf_config=hf)
 
 
-def _piece_mean(table: np.ndarray, ids: list[int], word: str) -> np.ndarray:  # table [V, E]
+def _piece_mean(table, ids: list[int], word: str):  # table [V, E]
     if not ids:
         raise ValueError(f"the init word {word!r} has no token pieces")
     return table[np.asarray(ids)].astype(np.float32).mean(axis=0)
@@ -59,37 +61,50 @@ def add_safety_tokens(tokenizer, params: Mapping[str, Any], spec: ModelSpec, cfg
                       ) -> tuple[Any, dict, ModelSpec, SafetyTokenIds, np.ndarray]:
     """Add the safety tokens to ``tokenizer`` (in place) and their rows to ``params``.
 
-    Returns (tokenizer, params, spec, ids, unsafe_query): ``unsafe_query`` [E] is the unsafe token's
-    initial embedding, the frozen query of the safety attention.
+    NumPy tables stay NumPy; jax.Arrays (possibly sharded over several processes) are grown with jax
+    ops where they lie, never gathered. Returns (tokenizer, params, spec, ids, unsafe_query):
+    ``unsafe_query`` [E] (NumPy) is the unsafe token's initial embedding, the frozen query of the
+    safety attention.
     """
     pieces = {word: tokenizer.encode(word, add_special_tokens=False)
               for word in (cfg.safe_init_word, cfg.unsafe_init_word)}
     tokenizer.add_tokens([cfg.safe_token, cfg.unsafe_token], special_tokens=True)
     ids = safety_token_ids(tokenizer, cfg)
-    embed = np.asarray(params["embed_tokens"]["embedding"])
+    embed = params["embed_tokens"]["embedding"]
     vocab = max(spec.text.vocab_size, len(tokenizer), ids.safe + 1, ids.unsafe + 1)
     rows = _grow(embed, vocab, axis=0)
     head = None
     if not spec.text.tie_word_embeddings:
-        head = _grow(np.asarray(params["lm_head"]["kernel"]), vocab, axis=1)  # [E, V]
+        head = _grow(params["lm_head"]["kernel"], vocab, axis=1)  # [E, V]
     for token_id, word in ((ids.safe, cfg.safe_init_word), (ids.unsafe, cfg.unsafe_init_word)):
-        rows[token_id] = _piece_mean(embed, pieces[word], word).astype(rows.dtype)
+        rows = _set(rows, (token_id,), _piece_mean(embed, pieces[word], word).astype(rows.dtype))
         if head is not None:
-            head[:, token_id] = _piece_mean(head.T, pieces[word], word).astype(head.dtype)
+            kernel = params["lm_head"]["kernel"]
+            head = _set(head, (slice(None), token_id), _piece_mean(kernel.T, pieces[word], word).astype(head.dtype))
     new_params = dict(params, embed_tokens={"embedding": rows})
     if head is not None:
         new_params["lm_head"] = {"kernel": head}
-    return tokenizer, new_params, with_vocab_size(spec, vocab), ids, rows[ids.unsafe].astype(np.float32).copy()
+    unsafe_query = to_host(rows[ids.unsafe]).astype(np.float32).copy()
+    return tokenizer, new_params, with_vocab_size(spec, vocab), ids, unsafe_query
 
 
-def _grow(table: np.ndarray, vocab: int, axis: int) -> np.ndarray:
+def _set(table, index: tuple, value):
+    """``table`` with ``table[index] = value``: in place for NumPy, ``.at[].set`` for jax.Arrays."""
+    if isinstance(table, np.ndarray):
+        table[index] = value
+        return table
+    return table.at[index].set(value)
+
+
+def _grow(table, vocab: int, axis: int):
     """Copy of ``table`` with rows (axis 0) or columns (axis 1) appended up to ``vocab``, new entries set to
     the mean entry (a neutral start for unused ids)."""
+    xp = np if isinstance(table, np.ndarray) else jnp
     extra = vocab - table.shape[axis]
     if extra <= 0:
         return table.copy()
     mean = table.mean(axis=axis, keepdims=True)
-    return np.concatenate([table, np.repeat(mean, extra, axis=axis).astype(table.dtype)], axis=axis)
+    return xp.concatenate([table, xp.repeat(mean, extra, axis=axis).astype(table.dtype)], axis=axis)
 
 
 def strip_safety_tokens(text: str, cfg: CasaConfig) -> str:

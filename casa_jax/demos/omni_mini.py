@@ -42,7 +42,7 @@ def _listen_once(text_workdir: str, out_dir: str, steps: int, settings: dict, pr
     from casa_jax.infer.engine import Engine
     from casa_jax.io.omni_mini import blank_token, compose, whisper_tower, with_tower
     from casa_jax.io.trained import load_tokenizer, load_trained, save_trained
-    from casa_jax.paths import write_text_atomic
+    from casa_jax.storage import write_text_atomic
     from casa_jax.processing import InputError
     from casa_jax.train.listen import align_projector, benign_records, listening_examples, save_metrics
 
@@ -176,7 +176,7 @@ def run(workdir: str, text_workdir: str | None = None, gguf: str | None = None, 
     from casa_jax.eval.report import comparison_table
     from casa_jax.eval.run import evaluate
     from casa_jax.infer.engine import Engine
-    from casa_jax.paths import write_text_atomic
+    from casa_jax.storage import write_text_atomic
 
     t0 = time.time()
     methods = MAIN_METHODS + (ABLATION_METHODS if ablation else ())

@@ -98,7 +98,7 @@ def _evaluate_once(name: str, ckpt: str, out_dir: str, settings: dict, evaluate_
     """``evaluate_fn()``'s report, or the one already in ``out_dir`` when it was made from the same
     checkpoint (its metrics record) with the same settings: a second demo run re-evaluates nothing."""
     from casa_jax.train.trainer import last_record
-    from casa_jax.paths import write_text_atomic
+    from casa_jax.storage import write_text_atomic
     key = {"settings": settings, "checkpoint": os.path.abspath(ckpt),
            "trained": last_record(os.path.join(os.path.dirname(ckpt), "metrics.jsonl"))}
     key_path, report_path = os.path.join(out_dir, "demo_key.json"), os.path.join(out_dir, "report.json")
@@ -216,7 +216,7 @@ def run(workdir: str, gguf: str | None = None, steps: int = 60, per_suite: int =
     intro = ("Judged on the response text (prefill attacks: the model's continuation); `(decision)` columns count "
              "an `unsafe` verdict as a refusal. Lower is better; benign rows are over-refusal. Held-out test-split "
              "prompts only; brackets: Wilson 95 % interval.")
-    from casa_jax.paths import write_text_atomic
+    from casa_jax.storage import write_text_atomic
     write_text_atomic(os.path.join(workdir, "report.md"),
                       f"# CASA on SmolLM2-135M-Instruct\n\n{agreement}\n\n{intro}\n\n{table}\n\n{summary}\n\n"
                       f"{utility_line}\n\nFigure: asr.png. Per-model reports: eval/<model>/report.md\n")

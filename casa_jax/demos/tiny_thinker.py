@@ -100,7 +100,7 @@ def run(workdir: str, casa_steps: int = 200, baseline_steps: int = 100, per_suit
                                  max_new_tokens=max_new_tokens, progress=False)
     summary = comparison_table(reports, SUITES)
     casa_token = reports["casa"]["safety_token"] or {}
-    from casa_jax.paths import write_text_atomic
+    from casa_jax.storage import write_text_atomic
     write_text_atomic(os.path.join(workdir, "report.md"),
                       f"# casa-jax demo\n\n{DISCLAIMER}\n\nJudge: {reports['base']['judge']}. ASR per attack suite "
                       f"(lower is better); the benign row is over-refusal.\n\n{summary}\n\nCASA safety token on the "

@@ -20,9 +20,15 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> None:
+    """PNG at ``path``, local or in a bucket (written whole, through ``casa_jax.storage``)."""
+    import io
+
+    from etils import epath
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
     _pyplot().close(fig)
+    epath.Path(path).write_bytes(buffer.getvalue())
 
 
 def rate_bars(values: dict[str, dict[str, dict]], path: str, ylabel: str = "attack success rate (%)",

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from casa_jax.eval.judges import Judge, KeywordJudge
 from casa_jax.eval.metrics import auroc, rate_ci
 from casa_jax.eval.suites import Item
-from casa_jax.paths import write_text_atomic
+from casa_jax import storage
+from casa_jax.storage import write_text_atomic
 
 EXAMPLE_CHARS = 80
 DECISION_REFUSALS = ("unsafe", "rerouted")  # verdicts of a safety mechanism that refuse before any text
@@ -223,11 +224,11 @@ def agreement_line(report: dict) -> str:
 
 def write_report(report: dict, results: Sequence[dict], workdir: str) -> None:
     from casa_jax.eval import plots
-    os.makedirs(workdir, exist_ok=True)
-    write_text_atomic(os.path.join(workdir, "report.json"), json.dumps(report, indent=2))
+    storage.makedirs(workdir)
+    write_text_atomic(storage.join(workdir, "report.json"), json.dumps(report, indent=2))
     # Every judged response, for re-judging and auditing (local only: responses to harmful requests are
     # never committed or quoted beyond the truncated examples).
-    write_text_atomic(os.path.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in results))
+    write_text_atomic(storage.join(workdir, "results.jsonl"), "".join(json.dumps(r) + "\n" for r in results))
     lines = [f"# Evaluation of `{report['checkpoint']}`", "",
              f"Split: {report['split']}. Items: {report['n_items']}. Over-refusal judge: {report['refusal_judge']}.",
              "", agreement_line(report), "",
@@ -243,7 +244,7 @@ def write_report(report: dict, results: Sequence[dict], workdir: str) -> None:
     harmful_rows = {row["suite"]: {"model": {"rate": row["asr"], "ci": row["asr_ci"], "n": row["asr_n"]}}
                     for row in report["suites"] if row["n_harmful"]}
     if harmful_rows:
-        plots.rate_bars(harmful_rows, os.path.join(workdir, "asr.png"))
+        plots.rate_bars(harmful_rows, storage.join(workdir, "asr.png"))
         lines += ["", "ASR per suite: asr.png."]
     st = report["safety_token"]
     if st:
@@ -253,15 +254,15 @@ def write_report(report: dict, results: Sequence[dict], workdir: str) -> None:
                   f"{'-' if st['auroc_p_unsafe'] is None else round(st['auroc_p_unsafe'], 3)}, AUROC(v_s) "
                   f"{'-' if st['auroc_v_s'] is None else round(st['auroc_v_s'], 3)}; figures: roc.png, vs_histogram.png."]
         scored = unique_inputs(results)
-        plots.vs_histogram(scored, os.path.join(workdir, "vs_histogram.png"))
+        plots.vs_histogram(scored, storage.join(workdir, "vs_histogram.png"))
         if st["n_harmful"] and st["n_benign"]:
-            plots.roc_plot(scored, os.path.join(workdir, "roc.png"), st["threshold"])
+            plots.roc_plot(scored, storage.join(workdir, "roc.png"), st["threshold"])
     for suite, why in report["skipped"].items():
         lines.append(f"Skipped {suite}: {why}.")
     lines += ["", "Examples (truncated):", ""]
     lines += [f"- {e['suite']}/{e['modality']}: {e['request']!r} -> [{e['verdict']}] {e['response']!r}"
               for e in report["examples"]]
-    write_text_atomic(os.path.join(workdir, "report.md"), "\n".join(lines) + "\n")
+    write_text_atomic(storage.join(workdir, "report.md"), "\n".join(lines) + "\n")
 
 
 def attack_rows(suites: Sequence[str]) -> list[str]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from casa_jax import storage
+
 DEFAULT_SUITES = ("text", "jailbreak", "prefill", "benign", "benign_jbb", "benign_edgy", "figstep", "typo", "spoken",
                   "spelling")
 DEFAULT_MAX_NEW_TOKENS = 64  # short replies hide compliance that starts after a polite opening
@@ -68,14 +70,12 @@ def rejudge(workdir: str, judge) -> dict:
     from casa_jax.eval.judges import KeywordJudge
     from casa_jax.eval.report import judge_results, summarize, write_report
     from casa_jax.processing import InputError
-    paths = [os.path.join(workdir, n) for n in ("results.jsonl", "report.json")]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    paths = [storage.join(workdir, n) for n in ("results.jsonl", "report.json")]
+    missing = [p for p in paths if not storage.isfile(p)]
     if missing:
         raise InputError(f"{missing[0]}: not found; --from_results re-judges a finished evaluation's report folder")
-    with open(paths[0]) as f:
-        results = [json.loads(line) for line in f if line.strip()]
-    with open(paths[1]) as f:
-        old = json.load(f)
+    results = [json.loads(line) for line in storage.read_text(paths[0]).splitlines() if line.strip()]
+    old = json.loads(storage.read_text(paths[1]))
     judge = judge or KeywordJudge()
     judge_results(results, judge)
     threshold = (old.get("safety_token") or {}).get("threshold")
@@ -87,7 +87,8 @@ def rejudge(workdir: str, judge) -> dict:
 def report_name(ckpt_dir: str, depth: int = 1) -> str:
     """A short name for a checkpoint's report: its folder (or the train workdir's for ``.../checkpoint``),
     with ``depth - 1`` more parent folders joined by ``_`` where shorter names collide."""
-    parts = [p for p in os.path.normpath(os.path.abspath(ckpt_dir)).split(os.sep) if p]
+    parts = [p for p in storage.resolve(ckpt_dir).rstrip("/").split("/")[(3 if storage.is_remote(ckpt_dir) else 0):]
+             if p]  # a bucket URL's folders, without its scheme and bucket
     if len(parts) > 1 and parts[-1] == "checkpoint":
         parts = parts[:-1]
     return "_".join(parts[-depth:]) or "checkpoint"
@@ -97,8 +98,8 @@ def report_names(ckpt_dirs) -> list[str]:
     """One distinct report name per checkpoint (``a/casa/checkpoint`` and ``b/casa/checkpoint`` become
     ``a_casa`` and ``b_casa``); the same checkpoint given twice is an error."""
     from casa_jax.processing import InputError
-    real = [os.path.realpath(c) for c in ckpt_dirs]
-    twice = sorted({c for c in ckpt_dirs if real.count(os.path.realpath(c)) > 1})
+    real = [c if storage.is_remote(c) else os.path.realpath(c) for c in ckpt_dirs]
+    twice = sorted({c for c, r in zip(ckpt_dirs, real) if real.count(r) > 1})
     if twice:
         raise InputError(f"--ckpt_dir given more than once for the same checkpoint: {twice}")
     depth = 1
@@ -121,4 +122,4 @@ def print_summary(reports: dict, workdir: str) -> None:
                   f"decision {fmt_ci(row, metric + '_decision')}")
         for suite, why in report["skipped"].items():
             print(f"  {suite:<18} skipped: {why}")
-        print(f"  report: {os.path.join(workdir, name, 'report.md')}")
+        print(f"  report: {storage.join(workdir, name, 'report.md')}")

@@ -196,7 +196,7 @@ class Decoder:
         cache = KVCache.for_config(self.text, batch, length + chunk_ids.shape[1] + max_new_tokens)
         positions = positions_from_mask(mask)
         out = self.decoder.apply(weights.variables(), ids, positions, mask, cache=cache,
-                                 hidden_layers=self.gate.hidden_layers)
+                                 hidden_layers=self.gate.hidden_layers, last_only=True)
         return self._after_prefill(weights, out, mask, positions[:, -1] + 1, chunk_ids, chunk_mask, rng,
                                    max_new_tokens)
 
@@ -205,7 +205,7 @@ class Decoder:
         batch, length = inputs.input_ids.shape
         cache = KVCache.for_config(self.text, batch, length + chunk_ids.shape[1] + max_new_tokens)
         out = self.thinker(weights.params, weights.encoders, inputs, cache=cache,
-                           hidden_layers=self.gate.hidden_layers, lora=weights.lora)
+                           hidden_layers=self.gate.hidden_layers, lora=weights.lora, last_only=True)
         return self._after_prefill(weights, out, inputs.attention_mask, next_decode_positions(inputs), chunk_ids,
                                    chunk_mask, rng, max_new_tokens)
 

@@ -10,6 +10,7 @@ cache: two Engines share nothing, and dropping one frees its weights and compile
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any
@@ -106,8 +107,10 @@ class Engine:
         if self._processor is None:
             from casa_jax.processing import OmniProcessor
             emitter = self.audio_emissions if self.thinker.audio.emit == "ctc" else None
-            self._processor = OmniProcessor.from_pretrained(self.sidecar, self.thinker.vision, tokenizer=self.tokenizer,
-                                                            audio=self.thinker.audio, audio_emitter=emitter)
+            from casa_jax.storage import local_dir
+            with local_dir(self.sidecar) if self.sidecar else contextlib.nullcontext() as sidecar:
+                self._processor = OmniProcessor.from_pretrained(sidecar, self.thinker.vision, tokenizer=self.tokenizer,
+                                                                audio=self.thinker.audio, audio_emitter=emitter)
         return self._processor
 
     def audio_emissions(self, input_features, feature_attention_mask) -> list:

@@ -55,7 +55,7 @@ class NoGate:
             return Opened(out.logits[:, -1], out.cache, next_positions, done)
         written = chunk_mask.sum(-1)
         positions = next_positions[:, None] + jnp.cumsum(chunk_mask, axis=-1) - 1
-        step = decoder.apply(weights.variables(), chunk_ids, positions, chunk_mask, cache=out.cache)
+        step = decoder.apply(weights.variables(), chunk_ids, positions, chunk_mask, cache=out.cache, last_only=True)
         logits = jnp.where((written > 0)[:, None], step.logits[:, -1], out.logits[:, -1])
         return Opened(logits, step.cache, next_positions + written, done)
 
@@ -134,7 +134,8 @@ class CasaGate:
         safety_col = jnp.argmax(chunk_mask, axis=-1)
         chunk = chunk_ids.at[jnp.arange(batch), safety_col].set(token)
         chunk_positions = next_positions[:, None] + jnp.cumsum(chunk_mask, axis=-1) - 1
-        step = decoder.apply(weights.variables(), chunk, chunk_positions, chunk_mask, cache=out.cache)
+        step = decoder.apply(weights.variables(), chunk, chunk_positions, chunk_mask, cache=out.cache,
+                             last_only=True)
         done = decision.unsafe if self.template else jnp.zeros((batch,), bool)
         return Opened(step.logits[:, -1], step.cache, next_positions + chunk_mask.sum(-1), done, decision)
 

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from casa_jax.distributed import is_writer, to_host
 from casa_jax.io import hf_files
 from casa_jax.io.hf_files import CheckpointError, SafetensorsDir
 from casa_jax.io.name_map import Rule, audio_rules, expected_hf_shapes, text_rules, vision_rules
@@ -171,10 +172,10 @@ def hf_tensors(params: Mapping, spec: ModelSpec, encoders: Mapping | None = None
             value = _get(tree, path)
             if rule.per_layer:
                 for layer in range(rule.num_layers):
-                    yield rule.hf_key.format(layer=layer), rule.to_hf(np.asarray(value[layer]))
+                    yield rule.hf_key.format(layer=layer), rule.to_hf(to_host(value[layer]))
                     bar.update()
             else:
-                yield rule.hf_key, rule.to_hf(np.asarray(value))
+                yield rule.hf_key, rule.to_hf(to_host(value))
                 bar.update()
 
 
@@ -191,9 +192,15 @@ def write_hf_checkpoint(out_dir: str, params: Mapping, spec: ModelSpec,
                         encoders: Mapping | None = None, sidecar_dir: str | None = None,
                         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False,
                         progress: bool = True) -> None:
-    """Write safetensors + config.json (+ tokenizer files from ``sidecar_dir``) atomically."""
+    """Write safetensors + config.json (+ tokenizer files from ``sidecar_dir``) atomically. With several
+    processes all of them call it (each tensor is gathered across them) and process 0 writes."""
     with hf_files.atomic_directory(out_dir, overwrite=overwrite) as tmp:
-        hf_files.write_safetensors(tmp, hf_tensors(params, spec, encoders, progress), max_shard_bytes)
+        tensors = hf_tensors(params, spec, encoders, progress and is_writer())
+        if not is_writer():
+            for _ in tensors:  # the gathers are collective: every process takes part in each
+                pass
+            return
+        hf_files.write_safetensors(tmp, tensors, max_shard_bytes)
         hf_files.write_json(os.path.join(tmp, "config.json"), export_config(spec))
         if sidecar_dir:
             for name in SIDECAR_FILES:

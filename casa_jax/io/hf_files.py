@@ -14,9 +14,12 @@ import shutil
 import tempfile
 from typing import Iterator, Mapping
 
+import jax
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
+
+from casa_jax import storage
 
 log = logging.getLogger(__name__)
 
@@ -145,11 +148,13 @@ def _open_safetensors(path: str):
 def check_output_dir(path: str, overwrite: bool = False) -> None:
     """Fail now, before any long work, if ``path`` cannot become a new output directory: it is a file, it
     exists with content and ``overwrite`` is off, or its nearest existing parent is not writable."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not os.path.isdir(path):
+    path = storage.resolve(path)
+    if storage.isfile(path):
         raise CheckpointError(f"{path}: is a file; expected a directory to write into")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
+    if storage.listdir(path) and not overwrite:
         raise CheckpointError(f"{path}: already exists and is not empty; pass --overwrite to replace it")
+    if storage.is_remote(path):
+        return  # a bucket has no parent directories to check; a missing bucket fails on the first write
     parent = os.path.dirname(path)
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent)
@@ -164,9 +169,13 @@ def atomic_directory(final_dir: str, overwrite: bool = False) -> Iterator[str]:
     An exception or a kill leaves ``final_dir`` untouched (only a ``.partial-*`` sibling remains,
     which no reader mistakes for a finished directory).
     """
-    final_dir = os.path.abspath(final_dir)
+    final_dir = storage.resolve(final_dir)
     check_output_dir(final_dir, overwrite)
     parent = os.path.dirname(final_dir)
+    if jax.process_count() > 1 or storage.is_remote(final_dir):
+        with _shared_atomic_directory(final_dir, parent) as tmp:
+            yield tmp
+        return
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".partial-", dir=parent)
     try:
@@ -174,6 +183,35 @@ def atomic_directory(final_dir: str, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _replace_dir(tmp, final_dir, parent)
+
+
+@contextlib.contextmanager
+def _shared_atomic_directory(final_dir: str, parent: str) -> Iterator[str]:
+    """``atomic_directory`` for several processes writing one directory (orbax saves need all of them),
+    or for a bucket (no ``mkdtemp``): one temporary name agreed through process 0, created and renamed by
+    process 0 between barriers. A failed write leaves the ``.partial-*`` sibling, never ``final_dir``."""
+    from casa_jax.distributed import barrier, is_writer, shared_token
+    token = f"{shared_token():016x}"
+    tmp = storage.join(parent, f"{os.path.basename(final_dir)}.partial-{token}")
+    if is_writer():
+        storage.makedirs(tmp)
+    barrier(f"created {tmp}")
+    yield tmp
+    barrier(f"written {tmp}")
+    if is_writer():
+        if storage.exists(final_dir):
+            old = storage.join(parent, f"{os.path.basename(final_dir)}.old-{token}")
+            storage.rename(final_dir, old)
+            storage.rename(tmp, final_dir)
+            storage.rmtree(old)
+        else:
+            storage.rename(tmp, final_dir)
+    barrier(f"renamed {tmp}")
+
+
+def _replace_dir(tmp: str, final_dir: str, parent: str) -> None:
+    """Rename ``tmp`` to ``final_dir``, moving an existing ``final_dir`` aside first and then deleting it."""
     if os.path.exists(final_dir):
         old = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".old-", dir=parent)
         os.rename(final_dir, os.path.join(old, "x"))
@@ -224,6 +262,5 @@ def write_safetensors(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], m
 
 
 def write_json(path: str, obj: Mapping) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
+    """``obj`` as indented JSON at ``path`` (local or in a bucket), replaced atomically."""
+    storage.write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -16,11 +16,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
+from casa_jax import storage
+from casa_jax.distributed import is_writer
 from casa_jax.io import hf_files
 from casa_jax.io.hf import LoadedCheckpoint, sidecar_files
 from casa_jax.io.hf_files import CheckpointError
@@ -37,7 +42,7 @@ STATE_DIR = "state"
 def save_checkpoint(ckpt_dir: str, loaded: LoadedCheckpoint, sidecar_from: str | None = None,
                     overwrite: bool = False, tokenizer=None) -> None:
     """Write params (+ encoder params, extra trees such as LoRA/safety heads, configs, tokenizer files)
-    to ``ckpt_dir`` atomically. ``tokenizer``: saved into the sidecar (after the files copied from
+    to ``ckpt_dir`` atomically; with several processes, all of them call it. ``tokenizer``: saved into the sidecar (after the files copied from
     ``sidecar_from``), e.g. one that gained safety tokens."""
     with hf_files.atomic_directory(ckpt_dir, overwrite=overwrite) as tmp:
         state = {"params": loaded.params}
@@ -47,29 +52,41 @@ def save_checkpoint(ckpt_dir: str, loaded: LoadedCheckpoint, sidecar_from: str |
             if name in state:
                 raise ValueError(f"extra state {name!r} clashes with a built-in entry")
             state[name] = tree
-        checkpointer = ocp.StandardCheckpointer()
-        checkpointer.save(os.path.join(tmp, STATE_DIR), state)
+        checkpointer = ocp.StandardCheckpointer()  # every process takes part; orbax picks who writes what
+        checkpointer.save(storage.join(tmp, STATE_DIR), state)
         checkpointer.wait_until_finished()
-        hf_files.write_json(os.path.join(tmp, HF_CONFIG_FILE), loaded.spec.hf_config)
+        if not is_writer():
+            return
+        hf_files.write_json(storage.join(tmp, HF_CONFIG_FILE), loaded.spec.hf_config)
         if sidecar_from or tokenizer is not None:
-            os.makedirs(os.path.join(tmp, SIDECAR_DIR))
-            for name in sidecar_files(sidecar_from) if sidecar_from else []:
-                shutil.copyfile(os.path.join(sidecar_from, name), os.path.join(tmp, SIDECAR_DIR, name))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(os.path.join(tmp, SIDECAR_DIR))
+            _write_sidecar(storage.join(tmp, SIDECAR_DIR), sidecar_from, tokenizer)
         # Written last: its presence marks a complete checkpoint.
-        hf_files.write_json(os.path.join(tmp, META_FILE), {
+        hf_files.write_json(storage.join(tmp, META_FILE), {
             "format": FORMAT, "version": VERSION, "model_type": loaded.spec.model_type,
             "text_config": loaded.spec.text.to_dict(), **(loaded.meta or {})})
 
 
+def _write_sidecar(out_dir: str, sidecar_from: str | None, tokenizer) -> None:
+    """The tokenizer files (copied from ``sidecar_from``, then ``tokenizer`` saved over them) in ``out_dir``,
+    local or in a bucket (transformers writes local files: through a local directory)."""
+    with tempfile.TemporaryDirectory(prefix="casa-jax-sidecar-") as local:
+        if sidecar_from:
+            with storage.local_dir(sidecar_from) as src:
+                for name in sidecar_files(src):
+                    shutil.copyfile(os.path.join(src, name), os.path.join(local, name))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(local)
+        storage.makedirs(out_dir)
+        for name in sorted(os.listdir(local)):
+            epath.Path(local, name).copy(epath.Path(out_dir) / name, overwrite=True)
+
+
 def read_meta(ckpt_dir: str) -> dict:
-    path = os.path.join(ckpt_dir, META_FILE)
-    if not os.path.isfile(path):
+    path = storage.join(ckpt_dir, META_FILE)
+    if not storage.isfile(path):
         raise CheckpointError(f"{ckpt_dir}: not a casa-jax checkpoint (no {META_FILE}); create one with "
                               "python -m casa_jax.convert --hf_dir=... --out_dir=...")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = json.loads(storage.read_text(path))
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise CheckpointError(f"{path}: format {meta.get('format')!r} version {meta.get('version')!r}; "
                               f"expected {FORMAT!r} version {VERSION}")
@@ -90,31 +107,41 @@ def split_legacy_lora(text_config: dict) -> tuple[dict, dict | None]:
 def load_spec(ckpt_dir: str, meta: dict | None = None, **policy) -> ModelSpec:
     """The checkpoint's ModelSpec (``meta``: its ``read_meta``, when the caller has read it already)."""
     meta = meta or read_meta(ckpt_dir)
-    with open(os.path.join(ckpt_dir, HF_CONFIG_FILE)) as f:
-        hf_config = json.load(f)
+    hf_config = json.loads(storage.read_text(storage.join(ckpt_dir, HF_CONFIG_FILE)))
     text = TextConfig.from_dict({**split_legacy_lora(meta["text_config"])[0], **policy})
     return ModelSpec(text=text, model_type=meta["model_type"], hf_config=hf_config)
 
 
-def restore_checkpoint(ckpt_dir: str, shardings: Any = None, **policy) -> LoadedCheckpoint:
-    """Read a checkpoint written by ``save_checkpoint``; ``shardings`` (a tree like the params) places
-    each array; by default everything lands on the first device."""
+def default_sharding() -> jax.sharding.Sharding:
+    """Where restored arrays go unless told: the first device with one process; replicated over every
+    device with several (a process cannot address another process's first device)."""
+    if jax.process_count() == 1:
+        return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def restore_checkpoint(ckpt_dir: str, shardings: Any = None, others: jax.sharding.Sharding | None = None,
+                       **policy) -> LoadedCheckpoint:
+    """Read a checkpoint written by ``save_checkpoint``, each array read straight onto its place:
+    ``shardings`` (a tree like the params) for the decoder, ``others`` for the encoders and extra trees
+    (both default to ``default_sharding()``)."""
     meta = read_meta(ckpt_dir)
     spec = load_spec(ckpt_dir, meta, **policy)
-    state_dir = os.path.join(os.path.abspath(ckpt_dir), STATE_DIR)
-    if not os.path.isfile(os.path.join(state_dir, "_CHECKPOINT_METADATA")):
+    state_dir = storage.join(storage.resolve(ckpt_dir), STATE_DIR)
+    if not storage.isfile(storage.join(state_dir, "_CHECKPOINT_METADATA")):
         raise CheckpointError(f"{ckpt_dir}: has no weights ({STATE_DIR}/ is missing or incomplete); the checkpoint "
                               "was not fully written: convert or train it again")
     checkpointer = ocp.StandardCheckpointer()
     tree = checkpointer.metadata(state_dir).item_metadata.tree
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = others or default_sharding()
 
     def abstract(meta, sharding=None):
         return jax.ShapeDtypeStruct(meta.shape, meta.dtype, sharding=sharding or default)
 
     target = {}
     for name in tree:
-        if name != "params":  # encoders and extra trees (LoRA, safety head, ...) are small: default device
+        if name != "params":  # encoders and extra trees (LoRA, safety head, ...)
             target[name] = jax.tree.map(abstract, tree[name])
     if shardings is None:
         target["params"] = jax.tree.map(abstract, tree["params"])
@@ -136,5 +163,5 @@ def restore_checkpoint(ckpt_dir: str, shardings: Any = None, **policy) -> Loaded
 
 
 def sidecar_dir(ckpt_dir: str) -> str | None:
-    path = os.path.join(ckpt_dir, SIDECAR_DIR)
-    return path if os.path.isdir(path) else None
+    path = storage.join(ckpt_dir, SIDECAR_DIR)
+    return path if storage.isdir(path) else None

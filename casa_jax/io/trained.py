@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from casa_jax import storage
 from casa_jax.casa.config import CasaConfig
 from casa_jax.casa.safety_tokens import SafetyTokenIds
 from casa_jax.io.hf import LoadedCheckpoint
@@ -55,9 +56,10 @@ def save_trained(ckpt_dir: str, model: TrainedModel, tokenizer, sidecar_from: st
                     sidecar_from=sidecar_from, overwrite=overwrite, tokenizer=tokenizer)
 
 
-def load_trained(ckpt_dir: str, **policy) -> TrainedModel:
-    """Any casa-jax checkpoint: a converted one (objective None) or one written by ``save_trained``."""
-    loaded = restore_checkpoint(ckpt_dir, **policy)
+def load_trained(ckpt_dir: str, shardings: Any = None, others: Any = None, **policy) -> TrainedModel:
+    """Any casa-jax checkpoint: a converted one (objective None) or one written by ``save_trained``;
+    ``shardings`` / ``others`` place the decoder params / everything else (``restore_checkpoint``)."""
+    loaded = restore_checkpoint(ckpt_dir, shardings=shardings, others=others, **policy)
     objective = loaded.meta.get("objective")
     model = TrainedModel(spec=loaded.spec, params=loaded.params, encoders=loaded.encoders, objective=objective,
                          lora=loaded.extra.get("lora"), meta_circuit_breaker=loaded.meta.get("circuit_breaker"),
@@ -84,4 +86,5 @@ def load_tokenizer(ckpt_dir: str):
     if path is None:
         raise CheckpointError(f"{ckpt_dir}: has no tokenizer files (hf_sidecar/); convert from a Hugging Face "
                               "directory that contains tokenizer.json or vocab.json + merges.txt")
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    with storage.local_dir(path) as local:  # transformers reads local files only
+        return AutoTokenizer.from_pretrained(local, local_files_only=True)

@@ -27,7 +27,7 @@ ACT = ("activation_batch", "activation_length", "activation_embed")
 
 @flax.struct.dataclass
 class DecoderOutput:
-    logits: jax.Array  # [B, T, V] float32 (None when only hidden states were asked for)
+    logits: jax.Array  # [B, T, V] float32 ([B, 1, V] with last_only; None when only hidden states were asked for)
     cache: KVCache | None
     # hidden_states[i]: i = 0 the embeddings, i = l the output of decoder layer l (before the final
     # norm); only the indices in ``hidden_layers`` are filled, stacked in that order: [n, B, T, E].
@@ -105,6 +105,11 @@ class CausalLM(nn.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:  # [B, T] -> [B, T, E]
         return self.embed_tokens(input_ids)
 
+    def head(self, hidden: jax.Array) -> jax.Array:  # [B, T, E] after the final norm -> [B, T, V] float32
+        """The (tied or untied) LM head alone, for callers that need logits at a few positions only."""
+        logits = self.embed_tokens.attend(hidden) if self.config.tie_word_embeddings else self.lm_head(hidden)
+        return constrain(logits.astype(jnp.float32), ("activation_batch", "activation_length", "activation_vocab"))
+
     def __call__(
         self,
         input_ids: jax.Array | None,  # [B, T] int32
@@ -114,6 +119,7 @@ class CausalLM(nn.Module):
         inputs_embeds: jax.Array | None = None,  # [B, T, E], instead of input_ids
         hidden_layers: Sequence[int] = (),
         return_logits: bool = True,
+        last_only: bool = False,  # logits at the last position only ([B, 1, V]): all a prefill reads
     ) -> DecoderOutput:
         cfg = self.config
         if (input_ids is None) == (inputs_embeds is None):
@@ -153,12 +159,7 @@ class CausalLM(nn.Module):
         final = self.norm(final)
         logits = None
         if return_logits:
-            if cfg.tie_word_embeddings:
-                logits = self.embed_tokens.attend(final)
-            else:
-                logits = self.lm_head(final)
-            logits = constrain(logits.astype(jnp.float32),
-                                                ("activation_batch", "activation_length", "activation_vocab"))
+            logits = self.head(final[:, -1:] if last_only else final)
         return DecoderOutput(logits=logits, cache=new_cache, hidden_states=hidden, final_hidden=final)
 
 

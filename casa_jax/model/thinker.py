@@ -221,13 +221,14 @@ class Thinker:
         return flat.reshape(batch, length, width)
 
     def __call__(self, params, encoders, inputs: ThinkerInputs, cache: KVCache | None = None,
-                 hidden_layers: Sequence[int] = (), return_logits: bool = True, lora=None) -> DecoderOutput:
+                 hidden_layers: Sequence[int] = (), return_logits: bool = True, lora=None,
+                 last_only: bool = False) -> DecoderOutput:
         """``lora``: the decoder's LoRA collection (None: the base decoder)."""
         embeds = self.embed(params, encoders, inputs)
         variables = model_variables(params, lora)
         return self.decoder.apply(variables, None, inputs.positions, inputs.attention_mask, cache=cache,
                                   inputs_embeds=embeds, hidden_layers=tuple(hidden_layers),
-                                  return_logits=return_logits)
+                                  return_logits=return_logits, last_only=last_only)
 
 
 def init_encoders(vision: VisionConfig | None, audio: AudioConfig, key: jax.Array, unbox: bool = True) -> dict:

@@ -23,8 +23,12 @@ define_config_file("config", _DEFAULT_CONFIG if os.path.isfile(_DEFAULT_CONFIG) 
                    "Training config file (default: configs/casa_tiny.py, objective casa; e.g. configs/casa_tiny.py:ssft).")
 flags.DEFINE_string("workdir", os.path.join("workdir", "casa_tiny"), "Output directory (config, metrics, "
                     "checkpoints, final checkpoint). Rerun with the same workdir to resume.")
-flags.DEFINE_bool("jax_distributed", False, "Call jax.distributed.initialize() first (multi-host Cloud TPU pods; "
-                  "launch/tpu.py run sets it).")
+flags.DEFINE_bool("jax_distributed", False, "Start as one of several JAX processes (casa_jax.distributed.initialize) "
+                  "first: multi-host Cloud TPU pods (launch/tpu.py run sets it; the rest is discovered) or several "
+                  "processes on one machine (with the three flags below).")
+flags.DEFINE_string("coordinator_address", None, "With --jax_distributed off Cloud TPU: HOST:PORT of process 0.")
+flags.DEFINE_integer("num_processes", None, "With --jax_distributed off Cloud TPU: how many processes take part.")
+flags.DEFINE_integer("process_id", None, "With --jax_distributed off Cloud TPU: this process's index (0 writes).")
 flags.DEFINE_bool("allow_config_change", False, "Continue a workdir's checkpoints under settings that differ from "
                   "its config.json (the old one is kept as config.step_<N>.json).")
 FLAGS = flags.FLAGS
@@ -35,9 +39,13 @@ def main(argv):
     quiet_libraries()
     if FLAGS.config is None:
         raise app.UsageError("--config is required (configs/casa_tiny.py is not next to this installation)")
+    given = [FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id]
+    if any(v is not None for v in given) and not (FLAGS.jax_distributed and all(v is not None for v in given)):
+        raise app.UsageError("--coordinator_address, --num_processes and --process_id go together, with "
+                             "--jax_distributed")
     if FLAGS.jax_distributed:
-        import jax
-        jax.distributed.initialize()  # on Cloud TPU the coordinator and process ids are discovered
+        from casa_jax.distributed import initialize
+        initialize(*given)  # all None on Cloud TPU: the coordinator and process ids are discovered
     from casa_jax.train.trainer import train
     with exit_on_bad_input():
         try:

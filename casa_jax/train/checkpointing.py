@@ -8,13 +8,14 @@ save-decision and preservation policies.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_decision
+
+from casa_jax import storage
 
 
 class TrainCheckpoints:
@@ -23,7 +24,7 @@ class TrainCheckpoints:
             save_decision_policy=save_decision.FixedIntervalPolicy(max(1, every_steps)),
             preservation_policy=preservation.LatestN(max(1, keep)),
             enable_async_checkpointing=async_save)
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.resolve(directory)  # local or gs:// (orbax writes buckets itself)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
     def latest_step(self) -> int | None:

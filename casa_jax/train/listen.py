@@ -337,7 +337,7 @@ def train_projector(engine, examples: Sequence[ListenExample], steps: int, batch
 
 
 def save_metrics(path: str, metrics: Sequence[dict]) -> None:
-    from casa_jax.paths import write_text_atomic
+    from casa_jax.storage import write_text_atomic
     write_text_atomic(path, "".join(json.dumps(m) + "\n" for m in metrics))
 
 

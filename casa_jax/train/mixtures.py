@@ -15,14 +15,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import random
 import re
 from typing import Callable, Sequence
 
 from casa_jax.casa.examples import Example
 from casa_jax.model.config import ConfigError
-from casa_jax.paths import write_text_atomic
+from casa_jax import storage
+from casa_jax.storage import write_text_atomic
 
 BENIGN_TEMPLATE = "Sure, here is a helpful answer."
 PAPER_BENIGN_RATIO = 10_000 / 6_200
@@ -163,10 +163,9 @@ def cached_targets(path: str, key: dict, build: Callable[[], tuple[list[Example]
     decides them: base model, sets, counts, target kinds). Distilling answers is the slow part of a
     restart; a changed key rebuilds. Written atomically (by one process: ``write``)."""
     digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    if os.path.isfile(path):
+    if storage.isfile(path):
         try:
-            with open(path, encoding="utf-8") as f:
-                cached = json.load(f)
+            cached = json.loads(storage.read_text(path))
             if cached.get("key") == digest:
                 return tuple([Example(**e) for e in cached[part]] for part in ("train", "heldout"))
         except (OSError, ValueError, KeyError, TypeError):

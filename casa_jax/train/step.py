@@ -107,13 +107,30 @@ def make_train_step(objective: str, setup: ObjectiveSetup, optimizer: optax.Grad
                    out_shardings=(state_sh, replicated), donate_argnums=(0,))
 
 
-def make_eval_fn(objective: str, setup: ObjectiveSetup):
-    """A jitted ``(trainable, frozen, batch) -> metrics`` (no dropout: no rng reaches the model; progress 1)."""
+def make_eval_fn(objective: str, setup: ObjectiveSetup, micro_batch: int = 16,
+                 sharding: jax.sharding.Sharding | None = None):
+    """``(trainable, frozen, batch) -> metrics`` of a NumPy batch (no dropout, progress 1), ``micro_batch``
+    rows at a time so a large held-out set never holds its logits at once. Each micro-batch's share is
+    taken with the full batch's denominators (``objectives.NORMALIZERS``), so the sums equal one pass over
+    the whole batch. ``sharding`` places the batches (e.g. replicated on the training mesh)."""
     loss_fn = functools.partial(LOSSES[objective], setup)
+    normalizers = jax.jit(functools.partial(NORMALIZERS[objective], setup))
 
     @jax.jit
-    def evaluate(trainable, frozen, batch):
-        loss, metrics = loss_fn(trainable, frozen, batch, None, 1.0)
+    def share(trainable, frozen, batch, norms):
+        loss, metrics = loss_fn(trainable, frozen, batch, None, 1.0, norms)
         return dict(metrics, loss=loss)
+
+    def put(tree):
+        return jax.device_put(tree, sharding) if sharding is not None else tree
+
+    def evaluate(trainable, frozen, batch):
+        norms = normalizers(put(batch))  # masks and labels only: small
+        rows = batch.input_ids.shape[0]
+        total = None
+        for start in range(0, rows, max(1, micro_batch)):
+            part = share(trainable, frozen, put(jax.tree.map(lambda x: x[start:start + micro_batch], batch)), norms)
+            total = part if total is None else jax.tree.map(jnp.add, total, part)
+        return total
 
     return evaluate

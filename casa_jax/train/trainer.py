@@ -23,6 +23,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from casa_jax.io.trained import TrainedModel, load_trained, save_trained
@@ -37,6 +38,8 @@ from casa_jax.casa.safety_tokens import add_safety_tokens
 from casa_jax.train.step import OptimConfig, init_state, make_eval_fn, make_optimizer, make_train_step
 from casa_jax.model.config import ConfigError
 from casa_jax.model.layers import LORA_COLLECTION, LoraSpec
+from casa_jax import storage
+from casa_jax.distributed import to_host
 from casa_jax.sharding import decoder_shardings, make_mesh, place, replicated, rules_context, rules_from_config
 from casa_jax.train.checkpointing import TrainCheckpoints, abstract_like
 from casa_jax.train.streams import ExampleStream, GrainStream
@@ -90,42 +93,90 @@ def _global_batch_size(config, mesh) -> int:
     return size
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    """Keep only records up to ``step`` (a resumed run rewrites what came after its checkpoint)."""
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(kept)
+def _records(path: str) -> list[dict]:
+    if not storage.isfile(path):
+        return []
+    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
 
 
 def last_record(path: str) -> dict:
     """The last record of a ``metrics.jsonl`` ({} if there is none)."""
-    if not os.path.isfile(path):
-        return {}
-    lines = [line for line in open(path) if line.strip()]
-    return json.loads(lines[-1]) if lines else {}
+    records = _records(path)
+    return records[-1] if records else {}
 
 
-def _tensorboard(workdir: str):
-    try:
-        from tensorboardX import SummaryWriter
-    except ImportError:  # optional: metrics.jsonl is always written
-        log.warning("tensorboardX is not installed; writing metrics.jsonl only")
-        return None
-    return SummaryWriter(os.path.join(workdir, "tensorboard")) if jax.process_index() == 0 else None
+class MetricsLog:
+    """``metrics.jsonl``, one JSON record per line, written as each record comes. A resumed run first drops
+    the records after its checkpoint (``keep_until``). Only the writer process writes; a local file is
+    appended to, a bucket object (which cannot be appended to) rewritten whole: it is small."""
+
+    def __init__(self, path: str, keep_until: int, writer: bool):
+        self.path, self.writer = path, writer
+        self._lines = [json.dumps(r) + "\n" for r in _records(path) if r["step"] <= keep_until]
+        if writer:
+            storage.write_text_atomic(path, "".join(self._lines))
+
+    def append(self, record: dict) -> None:
+        if not self.writer:
+            return
+        self._lines.append(json.dumps(record) + "\n")
+        if storage.is_remote(self.path):
+            storage.write_text_atomic(self.path, "".join(self._lines))
+        else:
+            with open(self.path, "a") as f:
+                f.write(self._lines[-1])
 
 
-def _base(config):
-    """(spec, params, encoders, tokenizer, sidecar dir) of the model to fine-tune."""
+class _TensorBoard:
+    """Scalars for TensorBoard in ``workdir/tensorboard`` (process 0). tensorboardX writes local files: for a
+    bucket workdir they are written to a local directory and copied into the bucket when the run ends."""
+
+    def __init__(self, workdir: str):
+        self.writer = self._local = None
+        self.remote = storage.join(workdir, "tensorboard")
+        if jax.process_index() != 0:
+            return
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # optional: metrics.jsonl is always written
+            log.warning("tensorboardX is not installed; writing metrics.jsonl only")
+            return
+        if storage.is_remote(workdir):
+            import tempfile
+            self._local = tempfile.mkdtemp(prefix="casa-jax-tensorboard-")
+        self.writer = SummaryWriter(self._local or self.remote)
+
+    def add(self, record: dict) -> None:
+        if self.writer:
+            for k, v in record.items():
+                if k != "step" and isinstance(v, float):
+                    self.writer.add_scalar(k, v, record["step"])
+
+    def close(self) -> None:
+        if not self.writer:
+            return
+        self.writer.close()
+        if self._local:
+            import shutil
+
+            from etils import epath
+            storage.makedirs(self.remote)
+            for name in os.listdir(self._local):
+                epath.Path(self._local, name).copy(epath.Path(self.remote) / name, overwrite=True)
+            shutil.rmtree(self._local, ignore_errors=True)
+
+
+def _base(config, mesh, rules):
+    """(spec, params, encoders, tokenizer, sidecar dir) of the model to fine-tune; a checkpoint is read
+    straight onto the mesh (the decoder by its logical axes, the rest replicated), never onto one device."""
     if config.base == "tiny":
         from casa_jax import tiny
         spec = tiny.tiny_spec()
         return spec, tiny.random_params(spec.text), {}, tiny.build_tokenizer(spec.text.vocab_size), None
-    from casa_jax.io.orbax_io import sidecar_dir
+    from casa_jax.io.orbax_io import load_spec, sidecar_dir
     from casa_jax.io.trained import load_tokenizer
-    base = load_trained(config.base)
+    shardings = decoder_shardings(load_spec(config.base).text, mesh, rules)["params"]
+    base = load_trained(config.base, shardings=shardings, others=NamedSharding(mesh, PartitionSpec()))
     if base.objective is not None:
         raise ConfigError(f"--config.base={config.base} is already trained ({base.objective}); start from a "
                           "converted checkpoint")
@@ -162,9 +213,9 @@ def _examples(config, casa_cfg, spec, params, tokenizer, workdir: str, write: bo
 
     decides_targets = {k: v for k, v in data.to_dict().items()
                        if k not in ("prefill_refusals", "prefill_answers", "forced_unsafe")}
-    key = {"base": os.path.abspath(config.base) if config.base != "tiny" else "tiny", "data": decides_targets,
+    key = {"base": storage.resolve(config.base) if config.base != "tiny" else "tiny", "data": decides_targets,
            "refusals": refusals, "seed": config.seed, "format": TARGETS_FORMAT}
-    train, heldout = cached_targets(data.targets_file or os.path.join(workdir, "targets.json"), key, build, write)
+    train, heldout = cached_targets(data.targets_file or storage.join(workdir, "targets.json"), key, build, write)
     train = with_compliant_openings(train, data.prefill_refusals, config.seed, answer_fraction=data.prefill_answers)
     if config.objective == "casa" and data.forced_unsafe:
         train = with_forced_unsafe(train, data.forced_unsafe, refusals, config.seed)
@@ -208,6 +259,16 @@ def check_config(config) -> None:
             key = "per_device_batch_size"
         if not isinstance(value, int) or value < 1:
             raise ConfigError(f"--config.{key}={value!r}: expected a positive integer")
+    if jax.process_count() > 1:  # the inference Engine decodes in one process
+        if config.get("calibrate_threshold"):
+            raise ConfigError("--config.calibrate_threshold=True decodes with the inference Engine, which runs "
+                              "in one process; train with it False on several processes and set casa.threshold")
+        data = config.data
+        if (data.benign_target == "self" or data.harmful_target == "model") and not (
+                data.targets_file and storage.isfile(data.targets_file)):
+            raise ConfigError(f"--config.data.benign_target={data.benign_target!r} / harmful_target="
+                              f"{data.harmful_target!r} need the base's own replies, decoded in one process: fill "
+                              "--config.data.targets_file with a one-process run of the same data settings first")
     try:
         trainable_parts(config.objective)
     except ValueError as e:
@@ -227,12 +288,12 @@ def train(config, workdir: str, progress: bool = True, allow_config_change: bool
     The workdir is locked for the run (a second trainer on it stops at once); resuming its checkpoints
     under other settings is refused unless ``allow_config_change``."""
     check_config(config)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    if storage.isfile(workdir):
         raise ConfigError(f"--workdir={workdir} is a file; expected a directory")
     try:
-        os.makedirs(workdir, exist_ok=True)
+        storage.makedirs(workdir)
     except OSError as e:
-        raise ConfigError(f"--workdir={workdir}: cannot be created ({e.strerror})") from None
+        raise ConfigError(f"--workdir={workdir}: cannot be created ({e.strerror or e})") from None
     if jax.process_index() != 0:
         return _train(config, workdir, progress, allow_config_change)
     with WorkdirLock(workdir):
@@ -253,10 +314,10 @@ class Base:
     lora: LoraSpec = LoraSpec()  # the adapters this run trains
 
 
-def load_base(config, casa_cfg: CasaConfig) -> Base:
-    """The base checkpoint (or the embedded tiny model), its text config given the run's dtype and remat
-    settings, the run's LoRA spec, and (CASA) the safety tokens."""
-    spec, params, encoders, tokenizer, sidecar = _base(config)
+def load_base(config, casa_cfg: CasaConfig, mesh, rules) -> Base:
+    """The base checkpoint (or the embedded tiny model) placed on ``mesh``, its text config given the run's
+    dtype and remat settings, the run's LoRA spec, and (CASA) the safety tokens."""
+    spec, params, encoders, tokenizer, sidecar = _base(config, mesh, rules)
     ids = unsafe_query = None
     if config.objective == "casa":
         tokenizer, params, spec, ids, unsafe_query = add_safety_tokens(tokenizer, params, spec, casa_cfg)
@@ -287,7 +348,7 @@ class Run:
         return rules_context(self.mesh, self.rules)
 
 
-def build_run(config, base: Base, casa_cfg: CasaConfig) -> Run:
+def build_run(config, base: Base, casa_cfg: CasaConfig, mesh, rules) -> Run:
     """Trainable parts (LoRA, the CASA safety head), optimizer, mesh placement (frozen params and LoRA by
     their logical axes, the safety head replicated, batches over the data-parallel axes) and the jitted
     step, all under the logical-axis rules."""
@@ -301,7 +362,7 @@ def build_run(config, base: Base, casa_cfg: CasaConfig) -> Run:
             jax.random.fold_in(key, 2), base.unsafe_query, dummy, np.ones((1, 2), bool))["params"])
         frozen["unsafe_query"] = base.unsafe_query
     assert set(trainable) == set(trainable_parts(objective))
-    setup = ObjectiveSetup(text=text, casa=casa_cfg, ids=base.ids, lora=base.lora,
+    setup = ObjectiveSetup(text=text, casa=casa_cfg, ids=base.ids, lora=base.lora, loss_chunk=config.loss_chunk,
                            circuit_breaker=CircuitBreakerConfig(tuple(config.circuit_breaker.layers),
                                                                 config.circuit_breaker.alpha,
                                                                 config.circuit_breaker.retain_norm))
@@ -310,8 +371,6 @@ def build_run(config, base: Base, casa_cfg: CasaConfig) -> Run:
                         warmup_steps=config.warmup_steps, total_steps=steps, weight_decay=config.weight_decay,
                         grad_clip=config.grad_clip)
     optimizer = make_optimizer(optim, trainable)
-    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
-    rules = rules_from_config(config.logical_axis_rules)
     decoder_sh = decoder_shardings(text, mesh, rules, base.lora)
     trainable_sh = {"lora": decoder_sh[LORA_COLLECTION]}
     frozen_sh = {"params": decoder_sh["params"]}
@@ -324,8 +383,8 @@ def build_run(config, base: Base, casa_cfg: CasaConfig) -> Run:
         state = jax.jit(init, out_shardings=state_sh)(place(trainable, trainable_sh))
     step_fn = make_train_step(objective, setup, optimizer, steps, accum_steps=config.grad_accum_steps,
                               shardings=(state_sh, frozen_sh, batch_sharding(mesh)))
-    return Run(mesh, rules, setup, state, place(frozen, frozen_sh), step_fn, make_eval_fn(objective, setup),
-               _global_batch_size(config, mesh))
+    eval_fn = make_eval_fn(objective, setup, config.eval_batch_size, NamedSharding(mesh, PartitionSpec()))
+    return Run(mesh, rules, setup, state, place(frozen, frozen_sh), step_fn, eval_fn, _global_batch_size(config, mesh))
 
 
 def make_stream(config, examples, batch_size: int):
@@ -346,15 +405,17 @@ def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> d
     config_json = config.to_json_best_effort(indent=2)
     changes = check_resume(workdir, config_json, allow_config_change)
     casa_cfg = CasaConfig.from_dict(config.casa.to_dict())
-    base = load_base(config, casa_cfg)
+    mesh = make_mesh(tuple(config.mesh.shape), tuple(config.mesh.axes))
+    rules = rules_from_config(config.logical_axis_rules)
+    base = load_base(config, casa_cfg, mesh, rules)
     tokenizer, batch_ids = base.tokenizer, base.ids  # safety-token ids label CASA batches only
     train_examples, heldout = _examples(config, casa_cfg, base.spec, base.params, tokenizer, workdir, writer_process)
     check_lengths(tokenizer, train_examples + heldout, data.max_length, casa_cfg.safety_prompt)
-    run = build_run(config, base, casa_cfg)
+    run = build_run(config, base, casa_cfg, mesh, rules)
     heldout_batch = build_batch(tokenizer, heldout, data.max_length, batch_ids, casa_cfg.safety_prompt)
     stream = make_stream(config, train_examples, run.batch_size)
 
-    checkpoints = TrainCheckpoints(os.path.join(workdir, CHECKPOINTS_DIR), config.checkpoint_every_steps,
+    checkpoints = TrainCheckpoints(storage.join(workdir, CHECKPOINTS_DIR), config.checkpoint_every_steps,
                                    config.keep_checkpoints)
     state, key = run.state, jax.random.key(config.seed)
     start = checkpoints.latest_step() or 0
@@ -367,20 +428,19 @@ def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> d
         stream.restore(data_state["stream"])
         key = jax.random.wrap_key_data(np.asarray(data_state["rng"], np.uint32))
         log.info("resumed from step %d (%s)", start, checkpoints.directory)
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    metrics_path = storage.join(workdir, "metrics.jsonl")
     if writer_process:  # the record is rewritten only once the checkpoints it describes are restored
         write_config(workdir, config_json, changes, start)
         if changes:
             log.warning("continuing %s from step %d under changed settings: %s", workdir, start, sorted(changes))
-        _truncate_metrics(metrics_path, start)
+    metrics_log = MetricsLog(metrics_path, start, writer_process)
     preempted = _PreemptionFlag()
     final: dict = last_record(metrics_path)
     t0 = time.time()
-    writer = _tensorboard(workdir)
+    tensorboard = _TensorBoard(workdir)
     try:
-        with open(metrics_path if writer_process else os.devnull, "a") as metrics_file, run.context(), \
-                tqdm(total=steps, initial=start, desc=f"train {objective}", unit="step",
-                     disable=not (progress and writer_process)) as bar:
+        with run.context(), tqdm(total=steps, initial=start, desc=f"train {objective}", unit="step",
+                                     disable=not (progress and writer_process)) as bar:
             for step in range(start + 1, steps + 1):
                 local = build_batch(tokenizer, stream.next(), data.max_length, batch_ids, casa_cfg.safety_prompt)
                 state, metrics = run.step_fn(state, run.frozen, global_batch(local, run.mesh), key)
@@ -401,7 +461,8 @@ def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> d
                     record = {**(record or {"step": step, "loss": loss}),
                               **{f"eval_{k}": float(v) for k, v in held.items()}}
                 if record:
-                    _log_record(metrics_file, writer, record)
+                    metrics_log.append(record)
+                    tensorboard.add(record)
                     final = record
                 data_state = {"stream": stream.state(), "rng": np.asarray(jax.random.key_data(key)).tolist()}
                 stop = preempted.value  # read once: a signal landing during save() is handled next step
@@ -416,31 +477,17 @@ def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> d
     finally:
         checkpoints.close()
         preempted.restore()
-        if writer:
-            writer.close()
-    from jax.experimental import multihost_utils
-    trained = jax.tree.map(np.asarray, multihost_utils.process_allgather(state.trainable, tiled=True))
-    if jax.process_index() != 0:  # one writer for the final model
-        return final
-    model = trained_model(config, base, casa_cfg, run.setup, trained)
+        tensorboard.close()
+    model = trained_model(config, base, casa_cfg, run.setup, to_host(state.trainable))
     if objective == "casa" and config.get("calibrate_threshold"):
         model, record = calibrate(model, tokenizer, heldout, steps)
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        metrics_log.append(record)
         final = {**final, **record}
-    out_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    out_dir = storage.join(workdir, CHECKPOINT_DIR)
+    # every process saves: the frozen base may span them, and orbax's save waits for all
     save_trained(out_dir, model, tokenizer, sidecar_from=base.sidecar, overwrite=True)
     log.info("saved %s", out_dir)
     return final
-
-
-def _log_record(metrics_file, writer, record: dict) -> None:
-    metrics_file.write(json.dumps(record) + "\n")
-    metrics_file.flush()
-    if writer:
-        for k, v in record.items():
-            if k != "step" and isinstance(v, float):
-                writer.add_scalar(k, v, record["step"])
 
 
 def trained_model(config, base: Base, casa_cfg: CasaConfig, setup: ObjectiveSetup, trained: dict) -> TrainedModel:
