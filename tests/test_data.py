@@ -81,7 +81,8 @@ def test_trainer_distills_through_the_sampler_and_caches(tmp_path, monkeypatch):
     config = tiny_train_config("casa")
     config.data.num_harmful, config.data.heldout_per_class, config.data.self_answer_tokens = 4, 2, 3
     config.data.benign_target, config.data.harmful_target = "self", "model"
-    spec, params, _, tokenizer, _ = trainer._base(config)
+    from casa_jax.sharding import DEFAULT_RULES, make_mesh
+    spec, params, _, tokenizer, _ = trainer._base(config, make_mesh(), DEFAULT_RULES)
     train, heldout = trainer._examples(config, CasaConfig(), spec, params, tokenizer, str(tmp_path), True)
     benign = [e for e in train + heldout if not e.harmful]
     assert len(benign) == 6 and all(e.target != "Sure, here is a helpful answer." for e in benign)

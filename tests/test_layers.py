@@ -13,7 +13,7 @@ PACKAGE = os.path.join(ROOT, "casa_jax")
 
 # Lowest first. A module may import its own layer and the layers below it, never one above.
 LAYERS = (
-    ("base", ("casa_jax.paths", "casa_jax.data", "casa_jax.__init__")),
+    ("base", ("casa_jax.paths", "casa_jax.storage", "casa_jax.distributed", "casa_jax.data", "casa_jax.__init__")),
     ("model", ("casa_jax.model", "casa_jax.processing", "casa_jax.attacks")),
     ("peft", ("casa_jax.peft", "casa_jax.sharding")),
     ("casa", ("casa_jax.casa",)),

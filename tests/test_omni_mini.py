@@ -225,3 +225,20 @@ def test_casa_trains_on_text_only_from_the_omni_checkpoint_and_gates_spoken_prom
     np.testing.assert_array_equal(np.asarray(tower["proj"]["kernel"]), np.asarray(base_tower["proj"]["kernel"]))
     reply = chat_replies(trained, ["Answer the question in the audio."], max_new_tokens=4, audios=[speech])[0]
     assert reply.verdict in ("safe", "unsafe") and 0.0 <= reply.p_unsafe <= 1.0
+    # The encoders were referenced, not re-saved; a base written again since is refused by name.
+    import json
+    import shutil
+
+    import orbax.checkpoint as ocp
+    from casa_jax.io.hf_files import CheckpointError
+    from casa_jax.io.trained import load_trained
+    ckpt = tmp_path / "run" / "checkpoint"
+    assert "encoders" not in ocp.StandardCheckpointer().metadata(str(ckpt / "state")).item_metadata.tree
+    meta = json.loads((ckpt / "casa_jax.json").read_text())
+    assert meta["encoders_from"]["path"] == ctc_engine.name
+    moved = tmp_path / "stale"
+    shutil.copytree(ckpt, moved)
+    meta["encoders_from"]["fingerprint"] = "0" * 64
+    (moved / "casa_jax.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="written again since"):
+        load_trained(str(moved))

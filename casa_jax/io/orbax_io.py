@@ -40,13 +40,15 @@ STATE_DIR = "state"
 
 
 def save_checkpoint(ckpt_dir: str, loaded: LoadedCheckpoint, sidecar_from: str | None = None,
-                    overwrite: bool = False, tokenizer=None) -> None:
+                    overwrite: bool = False, tokenizer=None, encoders_from: str | None = None) -> None:
     """Write params (+ encoder params, extra trees such as LoRA/safety heads, configs, tokenizer files)
-    to ``ckpt_dir`` atomically; with several processes, all of them call it. ``tokenizer``: saved into the sidecar (after the files copied from
-    ``sidecar_from``), e.g. one that gained safety tokens."""
+    to ``ckpt_dir`` atomically; with several processes, all of them call it. ``tokenizer``: saved into
+    the sidecar (after the files copied from ``sidecar_from``), e.g. one that gained safety tokens.
+    ``encoders_from``: the checkpoint whose (unchanged) encoders this one uses: referenced, not copied."""
+    reference = encoder_reference(encoders_from) if encoders_from else None
     with hf_files.atomic_directory(ckpt_dir, overwrite=overwrite) as tmp:
         state = {"params": loaded.params}
-        if loaded.encoders:  # orbax cannot store an empty subtree
+        if loaded.encoders and reference is None:  # orbax cannot store an empty subtree
             state["encoders"] = loaded.encoders
         for name, tree in (loaded.extra or {}).items():
             if name in state:
@@ -63,7 +65,27 @@ def save_checkpoint(ckpt_dir: str, loaded: LoadedCheckpoint, sidecar_from: str |
         # Written last: its presence marks a complete checkpoint.
         hf_files.write_json(storage.join(tmp, META_FILE), {
             "format": FORMAT, "version": VERSION, "model_type": loaded.spec.model_type,
-            "text_config": loaded.spec.text.to_dict(), **(loaded.meta or {})})
+            "text_config": loaded.spec.text.to_dict(), **(loaded.meta or {}),
+            **({"encoders_from": reference} if reference else {})})
+
+
+def _fingerprint(ckpt_dir: str) -> str:
+    """What identifies one write of a checkpoint's weights: a hash of orbax's metadata file (it carries
+    the save's timestamp), so a base converted again under the same path is told apart."""
+    import hashlib
+    path = storage.join(storage.resolve(ckpt_dir), STATE_DIR, "_CHECKPOINT_METADATA")
+    if not storage.isfile(path):
+        raise CheckpointError(f"{ckpt_dir}: has no weights to reference ({STATE_DIR}/ is missing or incomplete)")
+    return hashlib.sha256(storage.read_text(path).encode()).hexdigest()
+
+
+def encoder_reference(ckpt_dir: str) -> dict:
+    """``{"path", "fingerprint"}`` of the checkpoint that holds ``ckpt_dir``'s encoders (itself, or the one
+    it references in turn)."""
+    meta = read_meta(ckpt_dir)
+    if "encoders_from" in meta:
+        return dict(meta["encoders_from"])
+    return {"path": storage.resolve(ckpt_dir), "fingerprint": _fingerprint(ckpt_dir)}
 
 
 def _write_sidecar(out_dir: str, sidecar_from: str | None, tokenizer) -> None:
@@ -121,11 +143,42 @@ def default_sharding() -> jax.sharding.Sharding:
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
+def _restore(state_dir: str, target: dict, partial: bool) -> dict:
+    """orbax restore of ``target`` (abstract arrays with shardings); ``partial``: some top-level trees of
+    the checkpoint are left out of ``target`` and not read."""
+    try:
+        if not partial:
+            return ocp.StandardCheckpointer().restore(state_dir, target)
+        args = ocp.args.PyTreeRestore(item=target, partial_restore=True, restore_args=jax.tree.map(
+            lambda x: ocp.ArrayRestoreArgs(sharding=x.sharding, global_shape=x.shape, dtype=x.dtype), target))
+        return ocp.PyTreeCheckpointer().restore(state_dir, args=args)
+    except Exception as e:  # tensorstore reports a short or corrupt file as a plain Exception
+        raise CheckpointError(f"{state_dir}: cannot read the weights ({str(e).splitlines()[0][:160]}); the files "
+                              "are truncated or corrupt: convert or train the checkpoint again") from e
+
+
+def _referenced_encoders(ckpt_dir: str, reference: dict, sharding) -> dict:
+    """The encoders a checkpoint references, read from their checkpoint after checking it is the same write."""
+    base = reference["path"]
+    if not storage.isfile(storage.join(base, META_FILE)):
+        raise CheckpointError(f"{ckpt_dir}: uses the encoders of {base}, which is gone; restore that checkpoint "
+                              "at that path (or convert it there again and retrain)")
+    if _fingerprint(base) != reference["fingerprint"]:
+        raise CheckpointError(f"{ckpt_dir}: uses the encoders of {base}, which was written again since; its "
+                              "encoders may differ: retrain from the new base, or put the original back")
+    state_dir = storage.join(base, STATE_DIR)
+    tree = ocp.StandardCheckpointer().metadata(state_dir).item_metadata.tree
+    target = {"encoders": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+                                       tree["encoders"])}
+    return _restore(state_dir, target, partial=True)["encoders"]
+
+
 def restore_checkpoint(ckpt_dir: str, shardings: Any = None, others: jax.sharding.Sharding | None = None,
-                       **policy) -> LoadedCheckpoint:
+                       encoders: bool = True, **policy) -> LoadedCheckpoint:
     """Read a checkpoint written by ``save_checkpoint``, each array read straight onto its place:
     ``shardings`` (a tree like the params) for the decoder, ``others`` for the encoders and extra trees
-    (both default to ``default_sharding()``)."""
+    (both default to ``default_sharding()``). ``encoders=False`` leaves the encoders unread (text-only
+    training); referenced encoders (``encoders_from``) are read from their own checkpoint."""
     meta = read_meta(ckpt_dir)
     spec = load_spec(ckpt_dir, meta, **policy)
     state_dir = storage.join(storage.resolve(ckpt_dir), STATE_DIR)
@@ -141,19 +194,17 @@ def restore_checkpoint(ckpt_dir: str, shardings: Any = None, others: jax.shardin
 
     target = {}
     for name in tree:
-        if name != "params":  # encoders and extra trees (LoRA, safety head, ...)
+        if name != "params" and (encoders or name != "encoders"):  # encoders, extra trees (LoRA, safety, ...)
             target[name] = jax.tree.map(abstract, tree[name])
     if shardings is None:
         target["params"] = jax.tree.map(abstract, tree["params"])
     else:
         target["params"] = jax.tree.map(abstract, tree["params"], shardings)
-    try:
-        state = checkpointer.restore(state_dir, target)
-    except Exception as e:  # tensorstore reports a short or corrupt file as a plain Exception
-        raise CheckpointError(f"{state_dir}: cannot read the weights ({str(e).splitlines()[0][:160]}); the files "
-                              "are truncated or corrupt: convert or train the checkpoint again") from e
+    state = dict(_restore(state_dir, target, partial=set(target) != set(tree)))
+    if encoders and "encoders_from" in meta:
+        state["encoders"] = _referenced_encoders(ckpt_dir, meta["encoders_from"], default)
     extra = {k: v for k, v in state.items() if k not in ("params", "encoders")}
-    builtin = {"format", "version", "model_type", "text_config"}
+    builtin = {"format", "version", "model_type", "text_config", "encoders_from"}
     kept = {k: v for k, v in meta.items() if k not in builtin}
     legacy = split_legacy_lora(meta["text_config"])[1]
     if legacy and "lora" not in kept:

@@ -38,7 +38,9 @@ class TrainedModel:
 
 
 def save_trained(ckpt_dir: str, model: TrainedModel, tokenizer, sidecar_from: str | None = None,
-                 overwrite: bool = False) -> None:
+                 overwrite: bool = False, encoders_from: str | None = None) -> None:
+    """``encoders_from``: the base checkpoint whose encoders the model uses unchanged (referenced, not
+    re-saved; ``model.encoders`` may then be empty)."""
     extra: dict = {}
     if model.lora is not None:
         extra["lora"] = model.lora
@@ -53,13 +55,15 @@ def save_trained(ckpt_dir: str, model: TrainedModel, tokenizer, sidecar_from: st
         meta["casa"] = {"config": model.casa.to_dict(), "safe_id": model.ids.safe, "unsafe_id": model.ids.unsafe}
     save_checkpoint(ckpt_dir, LoadedCheckpoint(spec=model.spec, params=model.params, encoders=model.encoders,
                                                extra=extra, meta=meta),
-                    sidecar_from=sidecar_from, overwrite=overwrite, tokenizer=tokenizer)
+                    sidecar_from=sidecar_from, overwrite=overwrite, tokenizer=tokenizer, encoders_from=encoders_from)
 
 
-def load_trained(ckpt_dir: str, shardings: Any = None, others: Any = None, **policy) -> TrainedModel:
+def load_trained(ckpt_dir: str, shardings: Any = None, others: Any = None, encoders: bool = True,
+                 **policy) -> TrainedModel:
     """Any casa-jax checkpoint: a converted one (objective None) or one written by ``save_trained``;
-    ``shardings`` / ``others`` place the decoder params / everything else (``restore_checkpoint``)."""
-    loaded = restore_checkpoint(ckpt_dir, shardings=shardings, others=others, **policy)
+    ``shardings`` / ``others`` place the decoder params / everything else, ``encoders=False`` skips the
+    encoders (``restore_checkpoint``)."""
+    loaded = restore_checkpoint(ckpt_dir, shardings=shardings, others=others, encoders=encoders, **policy)
     objective = loaded.meta.get("objective")
     model = TrainedModel(spec=loaded.spec, params=loaded.params, encoders=loaded.encoders, objective=objective,
                          lora=loaded.extra.get("lora"), meta_circuit_breaker=loaded.meta.get("circuit_breaker"),

@@ -176,7 +176,8 @@ def _base(config, mesh, rules):
     from casa_jax.io.orbax_io import load_spec, sidecar_dir
     from casa_jax.io.trained import load_tokenizer
     shardings = decoder_shardings(load_spec(config.base).text, mesh, rules)["params"]
-    base = load_trained(config.base, shardings=shardings, others=NamedSharding(mesh, PartitionSpec()))
+    # text-only training never reads the encoders: they stay in the base, referenced by the trained checkpoint
+    base = load_trained(config.base, shardings=shardings, others=NamedSharding(mesh, PartitionSpec()), encoders=False)
     if base.objective is not None:
         raise ConfigError(f"--config.base={config.base} is already trained ({base.objective}); start from a "
                           "converted checkpoint")
@@ -485,7 +486,8 @@ def _train(config, workdir: str, progress: bool, allow_config_change: bool) -> d
         final = {**final, **record}
     out_dir = storage.join(workdir, CHECKPOINT_DIR)
     # every process saves: the frozen base may span them, and orbax's save waits for all
-    save_trained(out_dir, model, tokenizer, sidecar_from=base.sidecar, overwrite=True)
+    save_trained(out_dir, model, tokenizer, sidecar_from=base.sidecar, overwrite=True,
+                 encoders_from=config.base if base.spec.is_thinker else None)
     log.info("saved %s", out_dir)
     return final
 
