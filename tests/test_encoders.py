@@ -38,7 +38,9 @@ def test_vision_encoder_images_and_video_of_mixed_sizes(encoders):
     lay = vision_layout(grid, vision)
     out = np.asarray(vision_fn(loaded.encoders["visual"], pad_patches(pixels, lay, vision), lay.arrays()))
     assert lay.num_tokens == ref.shape[0]
-    assert np.abs(out[:lay.num_tokens] - ref).max() <= 1e-4
+    # float32 accumulation order differs by CPU: 1.09e-4 was seen on an AVX2-only EPYC, < 1e-4 with AVX-512;
+    # a wrong window, rotary table or merge is off by O(0.1) or more
+    assert np.abs(out[:lay.num_tokens] - ref).max() <= 2e-4
 
 
 def test_audio_encoder_clips_of_different_lengths(encoders):

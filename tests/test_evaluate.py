@@ -85,14 +85,9 @@ def test_items_from_file_errors(tmp_path):
         items_from_file(str(bad))
 
 
-def test_evaluate_cli_end_to_end(tmp_path):
-    workdir = tmp_path / "casa"
-    r = subprocess.run([sys.executable, "-m", "casa_jax.train", f"--workdir={workdir}",
-                        "--config.num_train_steps=120", "--config.eval_every_steps=120"],
-                       capture_output=True, text=True, cwd=ROOT, env=ONE_DEVICE)
-    assert r.returncode == 0, r.stderr[-2000:]
-    out = tmp_path / "eval"
-    ckpt = str(workdir / "checkpoint")
+def test_evaluate_cli_end_to_end(tiny_casa_model, tmp_path):
+    out = tmp_path / "eval"  # the session's trained tiny CASA model (conftest.tiny_casa_model)
+    ckpt = str(tiny_casa_model / "checkpoint")
     r = subprocess.run([sys.executable, "-m", "casa_jax.evaluate", f"--ckpt_dir={ckpt}", f"--workdir={out}",
                         "--suites=text,prefill,benign,figstep", "--per_suite=4", "--max_new_tokens=8"],
                        capture_output=True, text=True, cwd=ROOT, env=ONE_DEVICE)

@@ -143,44 +143,52 @@ def test_bad_gguf_inputs(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_real_model_demo_pipeline_on_a_tiny_gguf(gguf_file, tmp_path):
-    """The README's main job (``casa_jax.demos.smollm2``), shortened and on the tiny GGUF: convert, evaluate
-    the base model, train CASA and SSFT on shared distilled data, evaluate, before/after table; a second
-    run reuses the conversion and the finished training runs."""
+def test_real_model_demo_pipeline_on_a_tiny_gguf(gguf_file, gcs, tmp_path, monkeypatch):
+    """The README's main job (``casa_jax.demos.smollm2``), shortened and on the tiny GGUF, with its workdir in
+    a Cloud Storage bucket (the local emulator): convert, evaluate the base model, train CASA and SSFT on
+    shared distilled data, evaluate, before/after table; a second run reuses the conversion and the finished
+    training runs from the bucket. Negative controls: a changed key re-evaluates; nothing lands locally."""
     import json
 
+    from casa_jax import storage
     from casa_jax.demos import smollm2
+    monkeypatch.chdir(tmp_path)  # a path mistaken for a local one would appear here as a "gs:" folder
+    workdir = "gs://demo/smollm2"
     small = {"batch_size": 8, "data.num_harmful": 8, "data.heldout_per_class": 4, "data.self_answer_tokens": 4,
              "data.max_length": 256}
-    out = smollm2.run(str(tmp_path), gguf=gguf_file, steps=2, per_suite=2, benign=3, max_new_tokens=4,
-                      overrides=small)
+    out = smollm2.run(workdir, gguf=gguf_file, steps=2, per_suite=2, benign=3, max_new_tokens=4, overrides=small)
     assert list(out["reports"]) == ["base", "casa", "ssft"]
     benign_n = sum(r["n"] for r in out["reports"]["casa"]["suites"] if r["suite"] in smollm2.BENIGN_SUITES)
     assert set(out["utility"]) == {"casa", "ssft"} and out["utility"]["casa"]["pooled"]["n"] == benign_n > 0
-    assert "ROUGE-L" in (tmp_path / "report.md").read_text()
     for name, report in out["reports"].items():
         assert {r["suite"] for r in report["suites"]} == set(smollm2.TEXT_ATTACKS) | set(smollm2.BENIGN_SUITES), name
     assert "| benign (over-refusal) | text |" in out["table"] and set(out["goal"]) >= {"relative_reduction", "met"}
     assert out["goal"]["pooled"]["asr_n"] == 2 * len(smollm2.TEXT_ATTACKS) and out["goal"]["pooled"]["asr_ci"]
-    md = (tmp_path / "report.md").read_text()
-    assert "Wilson 95 % interval" in md and "agreement" in md and (tmp_path / "asr.png").exists()
-    targets = json.load(open(tmp_path / "targets.json"))
+    md = storage.read_text(f"{workdir}/report.md")
+    assert "ROUGE-L" in md and "Wilson 95 % interval" in md and "agreement" in md
+    assert storage.isfile(f"{workdir}/asr.png") and storage.isfile(f"{workdir}/eval/casa/report.json")
+    targets = json.loads(storage.read_text(f"{workdir}/targets.json"))
     assert sum(not e["harmful"] for e in targets["train"]) == round(8 * 10_000 / 6_200)  # shared by CASA and SSFT
-    assert not (tmp_path / "casa" / "targets.json").exists() and (tmp_path / "report.md").exists()
-    assert not smollm2._convert_once(gguf_file, str(tmp_path / "base"))  # reused
-    assert smollm2._finished(str(tmp_path / "casa"), 2)["step"] == 2
-    again = smollm2.run(str(tmp_path), gguf=gguf_file, steps=2, per_suite=2, benign=3, max_new_tokens=4,
+    assert not storage.exists(f"{workdir}/casa/targets.json")
+    assert storage.isfile(f"{workdir}/casa/checkpoint/casa_jax.json") and storage.isdir(f"{workdir}/casa/tensorboard")
+    assert not smollm2._convert_once(gguf_file, f"{workdir}/base")  # reused
+    assert smollm2._finished(f"{workdir}/casa", 2)["step"] == 2
+    again = smollm2.run(workdir, gguf=gguf_file, steps=2, per_suite=2, benign=3, max_new_tokens=4,
                         overrides=small)  # every stage reused: the same table, nothing regenerated
     assert again["table"] == out["table"] and again["utility"] == out["utility"]
-    (tmp_path / "eval" / "casa" / "demo_key.json").write_text("{}")  # a changed key re-evaluates
-    assert smollm2._evaluate_once("casa", str(tmp_path / "casa" / "checkpoint"), str(tmp_path / "eval" / "casa"),
-                                  {}, lambda: {"fresh": True}) == {"fresh": True}
+    storage.write_text_atomic(f"{workdir}/eval/casa/demo_key.json", "{}")  # a changed key re-evaluates
+    assert smollm2._evaluate_once("casa", f"{workdir}/casa/checkpoint", f"{workdir}/eval/casa", {},
+                                  lambda: {"fresh": True}) == {"fresh": True}
+    assert os.listdir(tmp_path) == []
+    assert not [n for n in storage.listdir("gs://demo/smollm2") if ".partial-" in n or ".old-" in n]
 
 
-def test_omni_mini_demo_pipeline_on_a_tiny_gguf(gguf_file, tmp_path):
+def test_omni_mini_demo_pipeline_on_a_tiny_gguf(gguf_file, gcs, tmp_path):
     """``--model=omni_mini`` shortened, on the tiny GGUF and the real Whisper tower: text-only CASA and SSFT,
     the CTC projector on benign speech, composition, the transfer table with spoken / spelling / text /
-    benign rows, the listening measures; a second run reuses every stage."""
+    benign rows, the listening measures; a second run reuses every stage. Its text stages are the SmolLM2
+    demo test's, in the bucket (``text_workdir``, as ``--text_workdir`` takes): reused when that test ran
+    first, trained there otherwise; the omni stages are local."""
     from conftest import espeak_or_skip
     espeak_or_skip()
     from casa_jax.demos import omni_mini
@@ -188,6 +196,8 @@ def test_omni_mini_demo_pipeline_on_a_tiny_gguf(gguf_file, tmp_path):
              "data.max_length": 256}
     kwargs = dict(gguf=gguf_file, steps=2, align_steps=3, per_suite=2, benign=2, max_new_tokens=4, overrides=small,
                   listen_overrides={"pool_stride": 2, "per_prompt": 1, "spell_words": 2}, n_transcribe=2)
+    from casa_jax import storage
+    kwargs["text_workdir"] = "gs://demo/smollm2"
     out = omni_mini.run(str(tmp_path), **kwargs)
     assert list(out["reports"]) == ["base", "casa", "ssft"]
     for name, report in out["reports"].items():
@@ -197,6 +207,6 @@ def test_omni_mini_demo_pipeline_on_a_tiny_gguf(gguf_file, tmp_path):
     listening = out["listening"]
     assert listening["recogniser_wer_harmful"]["n"] == 2 and listening["answer_agreement_rouge_l"]["n"] == 2
     assert (tmp_path / "report.md").exists() and (tmp_path / "omni" / "casa").is_dir()
-    assert (tmp_path / "text" / "targets.json").exists()  # the text stages live in the text workdir
+    assert storage.isfile("gs://demo/smollm2/targets.json") and not (tmp_path / "text").exists()
     again = omni_mini.run(str(tmp_path), **kwargs)  # every stage reused
     assert again["table"] == out["table"] and again["listening"] == listening

@@ -22,7 +22,7 @@ LAYERS = (
     ("train", ("casa_jax.train",)),
     ("eval", ("casa_jax.eval",)),
     ("cli", ("casa_jax.cli", "casa_jax.convert", "casa_jax.generate", "casa_jax.evaluate", "casa_jax.train.__main__",
-             "casa_jax.parity", "casa_jax.sizing", "casa_jax.demo", "casa_jax.demos")),
+             "casa_jax.parity", "casa_jax.sizing", "casa_jax.demo", "casa_jax.demos", "casa_jax.serve")),
 )
 
 

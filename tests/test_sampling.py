@@ -68,16 +68,17 @@ def test_padding_helpers():
 
 
 def test_demo_end_to_end(tmp_path):
-    """The README's main job, shortened: every suite and modality gets a row for every model."""
+    """The tiny-thinker demo, shortened: every suite and modality gets a row for the base model and CASA (the
+    baselines' training and verdicts are tested in test_casa_cli; here they would add two more evaluations)."""
     import json
 
     from casa_jax.attacks.audio import espeak_available
     from casa_jax.demos.tiny_thinker import run
     workdir = tmp_path / "demo"
-    result = run(str(workdir), casa_steps=20, baseline_steps=10, per_suite=2, max_new_tokens=4)
+    result = run(str(workdir), casa_steps=20, baseline_steps=0, per_suite=2, max_new_tokens=4)
     assert result["round_trip_exact"]
     assert sum(result["data"]["sizes"].values()) == 2319
-    assert list(result["reports"]) == ["base", "casa", "ssft", "circuit_breaker"]
+    assert list(result["reports"]) == ["base", "casa"]
     audio = espeak_available()
     if not audio and os.environ.get("CASA_REQUIRE_ESPEAK") == "1":
         pytest.fail("CASA_REQUIRE_ESPEAK=1 but espeak-ng is not installed: the audio rows would be missing")

@@ -29,9 +29,9 @@ from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM
 from casa_jax.sharding import decoder_shardings, make_mesh, place, replicated, rules_context
 from casa_jax.train.placement import batch_sharding, global_batch, state_shardings
+from conftest import tiny_casa_train_cmd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG = os.path.join(ROOT, "configs", "casa_tiny.py")
 # SIGKILL-resume runs on the 8 simulated devices (the pod path); the other CLI checks use one device.
 ONE_DEVICE = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
 
@@ -224,11 +224,7 @@ def test_micro_batched_eval_equals_one_pass(accumulation, objective):
     assert abs(naive - one_pass["loss"]) > 1e-4 * abs(one_pass["loss"])
 
 
-def _train_cmd(workdir, *extra):
-    return [sys.executable, "-m", "casa_jax.train", f"--config={CONFIG}:casa", f"--workdir={workdir}",
-            "--config.num_train_steps=40", "--config.checkpoint_every_steps=10", "--config.log_every_steps=1",
-            "--config.eval_every_steps=20", "--config.data.num_harmful=80", "--config.data.heldout_per_class=20",
-            *extra]
+_train_cmd = tiny_casa_train_cmd
 
 
 WALL_CLOCK = "elapsed_s"  # seconds since the process started: the one field a resumed run cannot repeat
@@ -254,14 +250,11 @@ def _finished_steps(workdir):
     return sorted(int(n) for n in os.listdir(root) if n.isdigit()) if root.is_dir() else []
 
 
-def test_kill_and_resume_is_bitwise_identical(tmp_path):
+def test_kill_and_resume_is_bitwise_identical(straight_casa_run, tmp_path):
     """A run SIGKILLed after its step-20 checkpoint and restarted writes the same metrics.jsonl as one
     that never stopped: every row and every field exactly (losses, gradient norm, safety metrics, eval_*),
     except ``elapsed_s``, the wall clock since the process started, which is excluded by name."""
-    straight = tmp_path / "straight"
-    r = subprocess.run(_train_cmd(straight), capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0, r.stderr[-3000:]
-
+    straight = straight_casa_run
     resumed = tmp_path / "resumed"
     proc = subprocess.Popen(_train_cmd(resumed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     deadline = time.time() + 240

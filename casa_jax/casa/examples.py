@@ -55,6 +55,17 @@ def render_prompt(tokenizer, prompt: str, safety_prompt: bool = False) -> list[i
                                               tokenize=True, return_dict=False))
 
 
+def render_conversation(tokenizer, messages: Sequence[dict], safety_prompt: bool = False) -> list[int]:
+    """Token ids of a whole chat (system, earlier user / assistant turns, then the user turn being answered)
+    plus the opened assistant turn; the safety prompt, if on, leads the last user message as in training."""
+    if not messages or messages[-1].get("role") != "user":
+        raise ValueError("a conversation must end with a user message")
+    messages = [dict(m) for m in messages]
+    if safety_prompt:
+        messages[-1]["content"] = f"{SAFETY_PROMPT} {messages[-1]['content']}"
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
 def end_of_turn_id(tokenizer) -> int:
     vocab = tokenizer.get_vocab()
     return vocab.get("<|im_end|>", tokenizer.eos_token_id)

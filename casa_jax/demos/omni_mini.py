@@ -22,7 +22,6 @@ Every stage is cached in the workdirs; a second run re-does nothing.
 from __future__ import annotations
 
 import json
-import os
 import time
 
 SUITES = ("spoken", "spelling", "text", "benign", "benign_spoken")
@@ -42,27 +41,26 @@ def _listen_once(text_workdir: str, out_dir: str, steps: int, settings: dict, pr
     from casa_jax.infer.engine import Engine
     from casa_jax.io.omni_mini import blank_token, compose, whisper_tower, with_tower
     from casa_jax.io.trained import load_tokenizer, load_trained, save_trained
-    from casa_jax.storage import write_text_atomic
+    from casa_jax import storage
     from casa_jax.processing import InputError
     from casa_jax.train.listen import align_projector, benign_records, listening_examples, save_metrics
 
-    key = {"steps": steps, **settings, "base": os.path.abspath(os.path.join(text_workdir, "base")),
-           "targets": os.path.abspath(os.path.join(text_workdir, "targets.json"))}
+    key = {"steps": steps, **settings, "base": storage.resolve(storage.join(text_workdir, "base")),
+           "targets": storage.resolve(storage.join(text_workdir, "targets.json"))}
     record_path = out_dir + ".listen.json"
-    if os.path.isdir(out_dir) and os.path.isfile(record_path):
-        with open(record_path) as f:
-            record = json.load(f)
+    if storage.isdir(out_dir) and storage.isfile(record_path):
+        record = json.loads(storage.read_text(record_path))
         if record.get("key") == json.loads(json.dumps(key)):
             print(f"      reusing the listening model in {out_dir}")
             return record
         raise InputError(f"{out_dir}: holds a listening model trained with other settings ({record_path}); use a new "
                          "--workdir")
-    base = os.path.join(text_workdir, "base")
+    base = storage.join(text_workdir, "base")
     text_model, tokenizer = load_trained(base), load_tokenizer(base)
     tower = whisper_tower(text_model.spec.text.hidden_size, settings["pool_stride"], blank_token_id=blank_token(tokenizer),
                           ctc_vocab=text_model.spec.text.vocab_size)
     model, omni_tokenizer = compose(text_model, tokenizer, tower)
-    records = benign_records(os.path.join(text_workdir, "targets.json"))
+    records = benign_records(storage.join(text_workdir, "targets.json"))
     t0 = time.time()
     examples = listening_examples(records, per_prompt=settings["per_prompt"], spell_words=settings["spell_words"],
                                   transcribe_fraction=settings["transcribe_fraction"],
@@ -77,15 +75,16 @@ def _listen_once(text_workdir: str, out_dir: str, steps: int, settings: dict, pr
     record = {"key": key, "examples": tasks, "prompts": len(records), "seconds": round(time.time() - t0, 1),
               "first_ctc_loss": metrics[0]["ctc_loss"],
               "last_ctc_loss": sum(m["ctc_loss"] for m in metrics[-20:]) / min(20, len(metrics))}
-    write_text_atomic(record_path, json.dumps(record, indent=2))
+    storage.write_text_atomic(record_path, json.dumps(record, indent=2))
     return record
 
 
 def _compose_once(text_ckpt: str, listener_ckpt: str, out_dir: str) -> None:
     """``text_ckpt`` (a trained text model) with the listening model's audio tower, unless already there."""
+    from casa_jax import storage
     from casa_jax.io.omni_mini import compose_checkpoint
     from casa_jax.io.trained import load_trained
-    if os.path.isdir(out_dir):
+    if storage.isdir(out_dir):
         return
     listener = load_trained(listener_ckpt)
     from casa_jax.model.encoder_config import encoder_configs
@@ -103,9 +102,9 @@ def listening_quality(engine, benign_report_dir: str, n_transcribe: int = 20) ->
     from casa_jax.eval.metrics import mean_ci, rouge_l, word_error_rate
     from casa_jax.eval.suites import BENIGN_SUITES, HARMFUL_SETS, MAX_SPOKEN_WORDS, split_prompts
     from casa_jax.infer.chat import chat_replies
+    from casa_jax.demos.smollm2 import _results
     from casa_jax.train.listen import TRANSCRIBE_INSTRUCTION, recognise
-    with open(os.path.join(benign_report_dir, "results.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+    rows = _results(benign_report_dir)
     text = {r["id"]: r["response"] for r in rows if r["suite"] == "benign"}
     spoken = {r["id"]: r["response"] for r in rows if r["suite"] == "benign_spoken"}
     out = {"answer_agreement_rouge_l": mean_ci([rouge_l(spoken[i], text[i]) for i in spoken if i in text])}
@@ -176,34 +175,35 @@ def run(workdir: str, text_workdir: str | None = None, gguf: str | None = None, 
     from casa_jax.eval.report import comparison_table
     from casa_jax.eval.run import evaluate
     from casa_jax.infer.engine import Engine
-    from casa_jax.storage import write_text_atomic
+    from casa_jax import storage
 
     t0 = time.time()
     methods = MAIN_METHODS + (ABLATION_METHODS if ablation else ())
-    os.makedirs(workdir, exist_ok=True)
-    text_workdir = text_workdir or os.path.join(workdir, "text")
-    os.makedirs(text_workdir, exist_ok=True)
+    workdir = storage.resolve(workdir)
+    storage.makedirs(workdir)
+    text_workdir = storage.resolve(text_workdir or storage.join(workdir, "text"))
+    storage.makedirs(text_workdir)
     gguf = gguf or locate_gguf()
-    base = os.path.join(text_workdir, "base")
-    targets = os.path.join(text_workdir, "targets.json")
+    base = storage.join(text_workdir, "base")
+    targets = storage.join(text_workdir, "targets.json")
     print(f"[1/5] text stages in {text_workdir}: SmolLM2 conversion, then {', '.join(m.upper() for m in methods)} "
           f"trained on text only ({steps} steps each, the SmolLM2 demo's recipe)")
     print("      converted" if _convert_once(gguf, base) else "      reusing the converted checkpoint")
-    trained = {m: _train_once(m, base, os.path.join(text_workdir, m), steps, targets, overrides or {})
+    trained = {m: _train_once(m, base, storage.join(text_workdir, m), steps, targets, overrides or {})
                for m in methods}
     unknown = sorted(set(listen_overrides or {}) - set(LISTEN_SETTINGS))
     if unknown:
         raise ValueError(f"listen_overrides: unknown settings {unknown}; expected some of {sorted(LISTEN_SETTINGS)}")
     listen_settings = {**LISTEN_SETTINGS, **(listen_overrides or {})}
-    omni = os.path.join(workdir, "omni")
+    omni = storage.join(workdir, "omni")
     print(f"[2/5] teaching the base model to listen: Whisper tiny.en's encoder + a projector trained by CTC on benign "
           f"espeak-ng speech only ({align_steps} steps)")
-    listen = _listen_once(text_workdir, os.path.join(omni, "base"), align_steps, listen_settings)
+    listen = _listen_once(text_workdir, storage.join(omni, "base"), align_steps, listen_settings)
     print("[3/5] composing the omni models: each text checkpoint + the audio tower")
-    ckpts = {"base": os.path.join(omni, "base")}
+    ckpts = {"base": storage.join(omni, "base")}
     for m in methods:
-        ckpts[m] = os.path.join(omni, m)
-        _compose_once(os.path.join(text_workdir, m, "checkpoint"), ckpts["base"], ckpts[m])
+        ckpts[m] = storage.join(omni, m)
+        _compose_once(storage.join(text_workdir, m, "checkpoint"), ckpts["base"], ckpts[m])
 
     judge = judge or get_judge(DEFAULT_JUDGE)
     settings = {"suites": SUITES, "per_suite": per_suite, "benign": benign, "max_new_tokens": max_new_tokens,
@@ -212,7 +212,7 @@ def run(workdir: str, text_workdir: str | None = None, gguf: str | None = None, 
           f"per attack, {benign} benign in text and in speech)")
     reports, engines = {}, {}
     for name, ckpt in ckpts.items():
-        out = os.path.join(workdir, "eval", name)
+        out = storage.join(workdir, "eval", name)
 
         def run_eval(ckpt=ckpt, out=out, name=name):
             engines[name] = Engine.load(ckpt)
@@ -220,14 +220,13 @@ def run(workdir: str, text_workdir: str | None = None, gguf: str | None = None, 
                             benign_limit=benign, judge=judge)
         reports[name] = _evaluate_once(name, ckpt, out, settings, run_eval)
     print("[5/5] how well the base model listens (held-out benign prompts)")
-    listening_path = os.path.join(workdir, "eval", "listening.json")
-    if os.path.isfile(listening_path) and "base" not in engines:
-        with open(listening_path) as f:
-            listening = json.load(f)
+    listening_path = storage.join(workdir, "eval", "listening.json")
+    if storage.isfile(listening_path) and "base" not in engines:
+        listening = json.loads(storage.read_text(listening_path))
     else:
         listening = json.loads(json.dumps(listening_quality(  # as a reused run reads it back
-            engines.get("base") or Engine.load(ckpts["base"]), os.path.join(workdir, "eval", "base"), n_transcribe)))
-        write_text_atomic(listening_path, json.dumps(listening, indent=2))
+            engines.get("base") or Engine.load(ckpts["base"]), storage.join(workdir, "eval", "base"), n_transcribe)))
+        storage.write_text_atomic(listening_path, json.dumps(listening, indent=2))
 
     table = comparison_table(reports, SUITES)
     goal = goal_check(reports)
@@ -236,13 +235,13 @@ def run(workdir: str, text_workdir: str | None = None, gguf: str | None = None, 
              "and the safety token without safety attention trained on text only. Judged on the response text; "
              "`(decision)` columns count an `unsafe` verdict as a refusal. Held-out test-split prompts; brackets: "
              "Wilson 95 % interval. Benign rows are over-refusal.")
-    write_text_atomic(os.path.join(workdir, "report.md"),
+    storage.write_text_atomic(storage.join(workdir, "report.md"),
                       f"# Cross-modal transfer on SmolLM2 + Whisper tiny.en\n\n{intro}\n\n{table}\n\n{summary}\n")
-    write_text_atomic(os.path.join(workdir, "report.json"), json.dumps(
+    storage.write_text_atomic(storage.join(workdir, "report.json"), json.dumps(
         {"goal": goal, "listening": listening, "listen_training": listen, "training": trained,
          "judge": reports["base"]["judge"], "reports": {k: v["suites"] for k, v in reports.items()}}, indent=2))
     print(f"\n{intro}\n{table}\n{summary}")
-    print(f"Report: {os.path.join(workdir, 'report.md')}. Done in {time.time() - t0:.0f} s.\n"
+    print(f"Report: {storage.join(workdir, 'report.md')}. Done in {time.time() - t0:.0f} s.\n"
           f"Try it: python -m casa_jax.generate --ckpt_dir={ckpts['casa']} --audio=FILE.wav "
           "--prompt='Answer the question in the audio.'")
     return {"reports": reports, "table": table, "goal": goal, "listening": listening, "training": trained}

@@ -47,8 +47,9 @@ def locate_gguf() -> str:
 
 
 def _convert_once(gguf: str, base: str) -> bool:
+    from casa_jax import storage
     from casa_jax.io.convert_lib import gguf_to_ckpt
-    if os.path.isdir(base):  # checkpoint writes are atomic: a directory is a finished conversion
+    if storage.isdir(base):  # checkpoint writes are atomic: a directory is a finished conversion
         return False
     gguf_to_ckpt(gguf, base)
     return True
@@ -56,10 +57,11 @@ def _convert_once(gguf: str, base: str) -> bool:
 
 def _finished(workdir: str, steps: int) -> dict | None:
     """The last metrics of a finished run in ``workdir`` with ``steps`` steps, else None."""
+    from casa_jax import storage
     from casa_jax.train.trainer import last_record
-    if not os.path.isdir(os.path.join(workdir, "checkpoint")):
+    if not storage.isdir(storage.join(workdir, "checkpoint")):
         return None
-    record = last_record(os.path.join(workdir, "metrics.jsonl"))
+    record = last_record(storage.join(workdir, "metrics.jsonl"))
     return record if record.get("step") == steps else None
 
 
@@ -97,26 +99,25 @@ def _train_once(method: str, base: str, workdir: str, steps: int, targets_file: 
 def _evaluate_once(name: str, ckpt: str, out_dir: str, settings: dict, evaluate_fn) -> dict:
     """``evaluate_fn()``'s report, or the one already in ``out_dir`` when it was made from the same
     checkpoint (its metrics record) with the same settings: a second demo run re-evaluates nothing."""
+    from casa_jax import storage
     from casa_jax.train.trainer import last_record
-    from casa_jax.storage import write_text_atomic
-    key = {"settings": settings, "checkpoint": os.path.abspath(ckpt),
-           "trained": last_record(os.path.join(os.path.dirname(ckpt), "metrics.jsonl"))}
-    key_path, report_path = os.path.join(out_dir, "demo_key.json"), os.path.join(out_dir, "report.json")
-    if os.path.isfile(key_path) and os.path.isfile(report_path):
-        with open(key_path) as f:
-            same = json.load(f) == json.loads(json.dumps(key))
-        if same:
+    ckpt = storage.resolve(ckpt)
+    key = {"settings": settings, "checkpoint": ckpt,
+           "trained": last_record(storage.join(os.path.dirname(ckpt), "metrics.jsonl"))}
+    key_path, report_path = storage.join(out_dir, "demo_key.json"), storage.join(out_dir, "report.json")
+    if storage.isfile(key_path) and storage.isfile(report_path):
+        if json.loads(storage.read_text(key_path)) == json.loads(json.dumps(key)):
             print(f"      {name}: reusing the evaluation in {out_dir}")
-            with open(report_path) as f:
-                return json.load(f)
+            return json.loads(storage.read_text(report_path))
     report = evaluate_fn()
-    write_text_atomic(key_path, json.dumps(key, indent=2))
+    storage.write_text_atomic(key_path, json.dumps(key, indent=2))
     return report
 
 
 def _results(out_dir: str) -> list[dict]:
-    with open(os.path.join(out_dir, "results.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    from casa_jax import storage
+    text = storage.read_text(storage.join(out_dir, "results.jsonl"))
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def goal_check(reports: dict, method: str = "casa", baseline: str = "ssft") -> dict:
@@ -171,12 +172,14 @@ def run(workdir: str, gguf: str | None = None, steps: int = 60, per_suite: int =
     from casa_jax.eval.judges import get_judge
     from casa_jax.eval.report import agreement_line, answer_agreement, comparison_plot, comparison_table
     from casa_jax.eval.run import evaluate
+    from casa_jax import storage
     from casa_jax.infer.engine import Engine
 
     t0 = time.time()
-    os.makedirs(workdir, exist_ok=True)
+    workdir = storage.resolve(workdir)
+    storage.makedirs(workdir)
     gguf = gguf or locate_gguf()
-    base = os.path.join(workdir, "base")
+    base = storage.join(workdir, "base")
     methods = MAIN_METHODS + (ABLATION_METHODS if ablation else ())
     total = 4
     print(f"[1/{total}] {os.path.basename(gguf)} -> casa-jax checkpoint {base}")
@@ -187,46 +190,45 @@ def run(workdir: str, gguf: str | None = None, steps: int = 60, per_suite: int =
                 "judge": judge.name}
 
     def evaluate_model(name, ckpt):
-        out = os.path.join(workdir, "eval", name)
+        out = storage.join(workdir, "eval", name)
         return _evaluate_once(name, ckpt, out, settings, lambda: evaluate(
             Engine.load(ckpt), out, SUITES, per_suite=per_suite, max_new_tokens=max_new_tokens, benign_limit=benign,
             judge=judge))
 
     print(f"[2/{total}] evaluating the base model ({per_suite} held-out harmful prompts per attack, {benign} benign)")
     reports = {"base": evaluate_model("base", base)}
-    targets = os.path.join(workdir, "targets.json")  # every method shares the distilled data
+    targets = storage.join(workdir, "targets.json")  # every method shares the distilled data
     trained = {}
     print(f"[3/{total}] training {', '.join(m.upper() for m in methods)} ({steps} steps each, LoRA, text-only, "
           "the same data)")
     for method in methods:
-        trained[method] = _train_once(method, base, os.path.join(workdir, method), steps, targets, overrides or {})
+        trained[method] = _train_once(method, base, storage.join(workdir, method), steps, targets, overrides or {})
     print(f"[4/{total}] evaluating {', '.join(m.upper() for m in methods)} on the same prompts")
     for name in methods:
-        reports[name] = evaluate_model(name, os.path.join(workdir, name, "checkpoint"))
+        reports[name] = evaluate_model(name, storage.join(workdir, name, "checkpoint"))
 
     table = comparison_table(reports, SUITES)
-    comparison_plot(reports, SUITES, os.path.join(workdir, "asr.png"))
+    comparison_plot(reports, SUITES, storage.join(workdir, "asr.png"))
     goal = goal_check(reports)
     summary = goal_summary(goal)
     agreement = agreement_line(reports["base"])
-    base_results = _results(os.path.join(workdir, "eval", "base"))
-    utility = {name: answer_agreement(base_results, _results(os.path.join(workdir, "eval", name)), BENIGN_SUITES)
+    base_results = _results(storage.join(workdir, "eval", "base"))
+    utility = {name: answer_agreement(base_results, _results(storage.join(workdir, "eval", name)), BENIGN_SUITES)
                for name in methods}
     utility_line = utility_summary(utility)
     intro = ("Judged on the response text (prefill attacks: the model's continuation); `(decision)` columns count "
              "an `unsafe` verdict as a refusal. Lower is better; benign rows are over-refusal. Held-out test-split "
              "prompts only; brackets: Wilson 95 % interval.")
-    from casa_jax.storage import write_text_atomic
-    write_text_atomic(os.path.join(workdir, "report.md"),
+    storage.write_text_atomic(storage.join(workdir, "report.md"),
                       f"# CASA on SmolLM2-135M-Instruct\n\n{agreement}\n\n{intro}\n\n{table}\n\n{summary}\n\n"
                       f"{utility_line}\n\nFigure: asr.png. Per-model reports: eval/<model>/report.md\n")
-    write_text_atomic(os.path.join(workdir, "report.json"), json.dumps(
+    storage.write_text_atomic(storage.join(workdir, "report.json"), json.dumps(
         {"goal": goal, "training": trained, "utility": utility, "judge": reports["base"]["judge"],
          "judge_agreement": reports["base"]["judge_agreement"],
          "reports": {k: v["suites"] for k, v in reports.items()}}, indent=2))
     print(f"\nBefore/after. {agreement}\n{intro}\n{table}\n{summary}\n{utility_line}")
-    print(f"Report: {os.path.join(workdir, 'report.md')}. Done in {time.time() - t0:.0f} s.\n"
-          f"Try it: python -m casa_jax.generate --ckpt_dir={os.path.join(workdir, 'casa', 'checkpoint')} "
+    print(f"Report: {storage.join(workdir, 'report.md')}. Done in {time.time() - t0:.0f} s.\n"
+          f"Try it: python -m casa_jax.generate --ckpt_dir={storage.join(workdir, 'casa', 'checkpoint')} "
           "--prompt='What is the capital of France?'")
     return {"reports": reports, "table": table, "goal": goal, "training": trained, "utility": utility}
 

@@ -78,6 +78,11 @@ def run(workdir: str, casa_steps: int = 200, baseline_steps: int = 100, per_suit
     from casa_jax.eval.run import evaluate
     from casa_jax.infer.engine import Engine
 
+    from casa_jax import storage
+    from casa_jax.processing import InputError
+    if storage.is_remote(workdir):  # its TFDS build writes through TensorFlow's own file system
+        raise InputError(f"--workdir={workdir}: the tiny_thinker demo needs a local workdir (its TFDS data is built "
+                         "with TensorFlow's file system); --model=smollm2 and omni_mini accept gs://")
     t0 = time.time()
     os.makedirs(workdir, exist_ok=True)
     print(f"[1/4] a random tiny Qwen2.5-Omni thinker: Hugging Face -> casa-jax -> Hugging Face ({workdir})")

@@ -51,7 +51,7 @@ def input_key(item: Item) -> tuple:
 
 def run_items(engine, items: Sequence[Item], batch_size: int = 16, max_new_tokens: int = 64,
               safety_prompt: bool = False, progress: bool = True, judge: Judge | None = None,
-              max_batch_chars: int = 12_000) -> list[dict]:
+              max_batch_chars: int = 12_000, recheck_every: int = 0) -> list[dict]:
     """One result dict per item: the response (and the model's own continuation after a prefill), the
     verdict, (CASA) p_unsafe / v_s, and the judged fields of ``judge_results``. ``engine``: an
     ``infer.engine.Engine``."""
@@ -67,7 +67,8 @@ def run_items(engine, items: Sequence[Item], batch_size: int = 16, max_new_token
             images = [i.image for i in chunk] if any(i.image is not None for i in chunk) else None
             audios = [i.audio for i in chunk] if any(i.audio is not None for i in chunk) else None
             replies = chat_replies(engine, [i.prompt for i in chunk], max_new_tokens, images=images, audios=audios,
-                                   prefills=[i.prefill for i in chunk], safety_prompt=safety_prompt)
+                                   prefills=[i.prefill for i in chunk], safety_prompt=safety_prompt,
+                                   recheck_every=recheck_every)
             for item, reply in zip(chunk, replies):
                 results.append({"id": item.id, "suite": item.suite, "modality": item.modality,
                                 "harmful": item.harmful, "request": item.request, "input": list(input_key(item)),

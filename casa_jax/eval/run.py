@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import urllib.parse
 
 from casa_jax import storage
 
@@ -27,10 +28,11 @@ def benchmark_items(specs, limit: int):
 
 def evaluate(engine, workdir: str, suites=(), prompts_file=None, per_suite: int | None = 20,
              max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, safety_prompt=False, seed=0, benchmarks=(), judge=None,
-             progress: bool = True, benign_limit: int | None = None, split: str = "test") -> dict:
+             progress: bool = True, benign_limit: int | None = None, split: str = "test",
+             recheck_every: int = 0) -> dict:
     """Run one model (an ``infer.engine.Engine``) over the chosen items of ``split`` (test for reports,
     validation for recipe decisions; ``per_suite=None``: the whole split), write its report into
-    ``workdir``, return the report."""
+    ``workdir``, return the report. ``recheck_every`` > 0: CASA's re-checking gate (``infer.gates.CasaGate``)."""
     from casa_jax.attacks.audio import espeak_available
     from casa_jax.eval.judges import KeywordJudge
     from casa_jax.eval.report import run_items, summarize, write_report
@@ -55,7 +57,7 @@ def evaluate(engine, workdir: str, suites=(), prompts_file=None, per_suite: int 
         else:
             items.append(item)
     results = run_items(engine, items, max_new_tokens=max_new_tokens, safety_prompt=safety_prompt,
-                        progress=progress, judge=judge)
+                        progress=progress, judge=judge, recheck_every=recheck_every)
     threshold = model.casa.threshold if model.is_casa else None
     report = summarize(results, engine.name, skipped, judge, threshold, "file" if prompts_file else split)
     write_report(report, results, workdir)
@@ -87,8 +89,10 @@ def rejudge(workdir: str, judge) -> dict:
 def report_name(ckpt_dir: str, depth: int = 1) -> str:
     """A short name for a checkpoint's report: its folder (or the train workdir's for ``.../checkpoint``),
     with ``depth - 1`` more parent folders joined by ``_`` where shorter names collide."""
-    parts = [p for p in storage.resolve(ckpt_dir).rstrip("/").split("/")[(3 if storage.is_remote(ckpt_dir) else 0):]
-             if p]  # a bucket URL's folders, without its scheme and bucket
+    path = storage.resolve(ckpt_dir)
+    if storage.is_remote(path):  # a bucket URL's folders, without its scheme and bucket
+        path = urllib.parse.urlsplit(path).path
+    parts = [p for p in path.split("/") if p]
     if len(parts) > 1 and parts[-1] == "checkpoint":
         parts = parts[:-1]
     return "_".join(parts[-depth:]) or "checkpoint"

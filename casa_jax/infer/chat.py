@@ -22,6 +22,8 @@ class Reply:
     p_unsafe: float | None = None
     cosine: float | None = None  # Circuit Breakers: mean cosine(adapted, frozen) over the prompt tokens
     prefill: str = ""  # the attacker-controlled assistant prefix that ``text`` starts with (if any)
+    prompt_tokens: int = 0  # the rendered prompt's length (media placeholders included)
+    completion_tokens: int = 0  # tokens the model generated (after the safety token and any prefill)
 
     @property
     def continuation(self) -> str:
@@ -29,18 +31,25 @@ class Reply:
         return self.text[len(self.prefill):] if self.prefill and self.text.startswith(self.prefill) else self.text
 
 
-def chat_replies(engine, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
+def chat_replies(engine, prompts: Sequence[str | Sequence[dict]], max_new_tokens: int | Sequence[int] = 32, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                  threshold: float | None = None, refusal_mode: str | None = None,
                  images: Sequence | None = None, audios: Sequence | None = None,
-                 prefills: Sequence[str] | None = None, safety_prompt: bool = False) -> list[Reply]:
-    """One ``Reply`` per prompt from ``engine`` (an ``infer.engine.Engine``). ``images`` / ``audios``: one per
-    prompt (or None entries) for thinkers. A CASA model trained with the safety prompt
+                 prefills: Sequence[str] | None = None, safety_prompt: bool = False,
+                 decode_length: int | None = None, recheck_every: int = 0,
+                 recheck_threshold: float = 0.5) -> list[Reply]:
+    """One ``Reply`` per prompt from ``engine`` (an ``infer.engine.Engine``). A prompt is a user message, or a
+    whole conversation (``[{"role": ..., "content": str}, ...]``, system and earlier turns included, ending
+    with a user turn). ``max_new_tokens``: one limit, or one per prompt (the batch decodes up to the largest
+    and each row is cut to its own; ``decode_length``: decode that many steps instead, e.g. a bucket, so a
+    server compiles one shape for many limits). ``recheck_every`` > 0 (CASA): re-check the safety head
+    during decoding, every that many tokens and after an attacker prefill; a reply found unsafe ends and
+    becomes the refusal template (``gates.CasaGate``). ``images`` / ``audios``: one per prompt (or None entries) for thinkers. A CASA model trained with the safety prompt
     (``casa.safety_prompt``) always gets it here too, so serving and threshold calibration see the
     prompts training saw."""
     import jax
 
-    from casa_jax.casa.examples import render_prompt
+    from casa_jax.casa.examples import render_conversation, render_prompt
     from casa_jax.casa.refusal import is_refusal
     from casa_jax.casa.safety_tokens import strip_safety_tokens
     from casa_jax.infer.strategies import from_temperature
@@ -48,16 +57,26 @@ def chat_replies(engine, prompts: Sequence[str], max_new_tokens: int = 32, tempe
 
     tokenizer = engine.tokenizer
     safety_prompt = safety_prompt or bool(engine.is_casa and engine.casa.safety_prompt)
-    if not engine.is_casa and (threshold is not None or refusal_mode):
-        raise ConfigError(f"{engine.name}: --threshold/--refusal_mode apply to CASA models only; this checkpoint is "
-                          f"{engine.objective or 'an untrained base model'!s} and would ignore them")
+    if not engine.is_casa and (threshold is not None or refusal_mode or recheck_every):
+        raise ConfigError(f"{engine.name}: --threshold/--refusal_mode/--recheck_every apply to CASA models only; this "
+                          f"checkpoint is {engine.objective or 'an untrained base model'!s} and would ignore them")
     strategy = from_temperature(temperature, top_k, top_p)
+    limits = [int(max_new_tokens)] * len(prompts) if isinstance(max_new_tokens, int) else list(map(int, max_new_tokens))
+    if len(limits) != len(prompts):
+        raise ValueError(f"{len(limits)} max_new_tokens limits for {len(prompts)} prompts")
+    max_new_tokens = max(limits)
+    if decode_length is not None:
+        if decode_length < max_new_tokens:
+            raise ValueError(f"decode_length={decode_length} is below the largest max_new_tokens {max_new_tokens}")
+        max_new_tokens = decode_length
     prefill_texts = list(prefills) if prefills else [""] * len(prompts)
     prefill_ids = [tokenizer.encode(p, add_special_tokens=False) if p else [] for p in prefill_texts]
     has_media = any(x is not None for x in list(images or []) + list(audios or []))
     rng = jax.random.key(seed)
 
     arrays = None
+    if has_media and not all(isinstance(p, str) for p in prompts):
+        raise ValueError("images/audio go with single user messages, not whole conversations")
     if has_media:
         if not engine.spec.is_thinker:
             raise ConfigError(f"{engine.name}: images/audio need a Qwen2.5-Omni thinker checkpoint; this one is "
@@ -72,40 +91,46 @@ def chat_replies(engine, prompts: Sequence[str], max_new_tokens: int = 32, tempe
             content.append({"type": "text", "text": _with_safety_prompt(prompt, safety_prompt)})
             conversations.append([{"role": "user", "content": content}])
         arrays = engine.processor().from_messages(conversations, resample_audio=True)
-    ids = [render_prompt(tokenizer, p, safety_prompt) for p in prompts]
+    ids = [render_prompt(tokenizer, p, safety_prompt) if isinstance(p, str) else
+           render_conversation(tokenizer, p, safety_prompt) for p in prompts]
+    prompts = [p if isinstance(p, str) else p[-1]["content"] for p in prompts]
     lengths = (list(arrays["attention_mask"].sum(-1)) if has_media else [len(i) for i in ids])
     check_context(engine.spec.text.max_position_embeddings, prompts, lengths, [len(p) for p in prefill_ids],
                   max_new_tokens)
 
-    decoder = engine.decoder(strategy, threshold=threshold, refusal_mode=refusal_mode, media=has_media)
+    decoder = engine.decoder(strategy, threshold=threshold, refusal_mode=refusal_mode, media=has_media,
+                             recheck_every=recheck_every, recheck_threshold=recheck_threshold)
     if has_media:
         outs = decoder.generate_multimodal(engine.weights, arrays, max_new_tokens, prefill_ids, rng)
     else:
         outs = decoder.generate(engine.weights, ids, max_new_tokens, prefill_ids, rng)
+    outs = [dataclasses.replace(out, tokens=out.tokens[:limit]) for out, limit in zip(outs, limits)]
 
     if engine.is_casa:
         casa = decoder.gate.casa
         replies = []
-        for prompt, prefix, out in zip(prompts, prefill_texts, outs):
+        for prompt, prefix, out, n in zip(prompts, prefill_texts, outs, lengths):
             d = out.decision
-            if d.unsafe and casa.refusal_mode == "template":
+            if (d.unsafe and casa.refusal_mode == "template") or d.turned:
                 text, prefix = casa.refusal_template, ""
             else:
                 text = prefix + strip_safety_tokens(tokenizer.decode(out.tokens, skip_special_tokens=True), casa)
-            replies.append(Reply(prompt, text, d.verdict, d.v_s, d.p_safe, d.p_unsafe, prefill=prefix))
+            replies.append(Reply(prompt, text, d.verdict, d.v_s, d.p_safe, d.p_unsafe, prefill=prefix,
+                                 prompt_tokens=int(n), completion_tokens=len(out.tokens)))
         return replies
 
     cosines = [None] * len(prompts)
     if engine.objective == "circuit_breaker":
         cosines = prompt_cosines(engine, ids, arrays)
     replies = []
-    for prompt, prefix, out, cos in zip(prompts, prefill_texts, outs, cosines):
+    for prompt, prefix, out, cos, n in zip(prompts, prefill_texts, outs, cosines, lengths):
         text = prefix + tokenizer.decode(out.tokens, skip_special_tokens=True)
         if cos is not None:
             verdict = "rerouted" if cos < CB_REROUTED_BELOW else "intact"
         else:
             verdict = "refused" if is_refusal(text[len(prefix):]) else "answered"
-        replies.append(Reply(prompt, text, verdict, cosine=cos, prefill=prefix))
+        replies.append(Reply(prompt, text, verdict, cosine=cos, prefill=prefix, prompt_tokens=int(n),
+                             completion_tokens=len(out.tokens)))
     return replies
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any, Callable, Sequence
 
 import flax.struct
@@ -99,20 +100,24 @@ class DecodeState:
     done: jax.Array  # [B] bool
     step: jax.Array  # [] int32
     rng: jax.Array
+    watch: Any = None  # the gate's decoding state (``gates.Recheck``), when it watches
 
 
 def decode_loop(model: CausalLM, variables: dict, strategy, eos_ids: Sequence[int], pad_id: int, cache: KVCache,
                 logits: jax.Array, positions: jax.Array, done: jax.Array, rng: jax.Array,
-                max_new_tokens: int) -> jax.Array:
+                max_new_tokens: int, watcher: Callable | None = None, watch: Any = None,
+                hidden_layers: tuple[int, ...] = ()) -> tuple[jax.Array, Any]:
     """One-token cached steps in a ``lax.while_loop`` until every row is done or ``max_new_tokens``.
 
     logits [B, V] predict the first token, which goes at ``positions`` [B]; rows already ``done`` emit
-    ``pad_id``. Returns tokens [B, max_new_tokens].
+    ``pad_id``. ``watcher(watch, step_out, step, done) -> (watch, stop [B])``: a gate's per-step hook (the
+    re-checking CASA gate), run after each step with ``hidden_layers`` computed. Returns (tokens [B,
+    max_new_tokens], the final ``watch``).
     """
     batch = logits.shape[0]
     state = DecodeState(cache=cache, logits=logits, positions=positions,
                         tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32), done=done,
-                        step=jnp.zeros((), jnp.int32), rng=rng)
+                        step=jnp.zeros((), jnp.int32), rng=rng, watch=watch)
     eos = jnp.asarray(tuple(eos_ids), jnp.int32)
 
     def cond(s: DecodeState):
@@ -124,11 +129,16 @@ def decode_loop(model: CausalLM, variables: dict, strategy, eos_ids: Sequence[in
         tokens = s.tokens.at[:, s.step].set(token)
         done = s.done | jnp.isin(token, eos)
         step_out = model.apply(variables, token[:, None], s.positions[:, None], jnp.ones((batch, 1), jnp.int32),
-                               cache=s.cache)
+                               cache=s.cache, hidden_layers=hidden_layers if watcher else ())
+        watch = s.watch
+        if watcher is not None:
+            watch, stop = watcher(watch, step_out, s.step, done)
+            done = done | stop
         return DecodeState(cache=step_out.cache, logits=step_out.logits[:, -1], positions=s.positions + 1,
-                           tokens=tokens, done=done, step=s.step + 1, rng=rng)
+                           tokens=tokens, done=done, step=s.step + 1, rng=rng, watch=watch)
 
-    return jax.lax.while_loop(cond, body, state).tokens
+    final = jax.lax.while_loop(cond, body, state)
+    return final.tokens, final.watch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,9 +221,12 @@ class Decoder:
 
     def _after_prefill(self, weights, out, prompt_mask, next_positions, chunk_ids, chunk_mask, rng, max_new_tokens):
         opened = self.gate.open(self.decoder, weights, out, prompt_mask, next_positions, chunk_ids, chunk_mask)
-        tokens = decode_loop(self.decoder, weights.variables(), self.strategy, self.eos_ids, self.pad_id,
-                             opened.cache, opened.logits, opened.positions, opened.done, rng, max_new_tokens)
-        return tokens, opened.decision
+        watcher = functools.partial(self.gate.watch, weights) if self.gate.watches else None
+        tokens, watch = decode_loop(self.decoder, weights.variables(), self.strategy, self.eos_ids, self.pad_id,
+                                    opened.cache, opened.logits, opened.positions, opened.done, rng, max_new_tokens,
+                                    watcher, opened.watch, self.gate.hidden_layers)
+        decision = self.gate.finish(opened.decision, watch) if self.gate.watches else opened.decision
+        return tokens, decision
 
     # -- host entry points ----------------------------------------------------------------------------
     def generate(self, weights: Weights, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,

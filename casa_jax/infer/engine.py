@@ -133,15 +133,17 @@ class Engine:
 
     def decoder(self, strategy=Greedy(), *, gated: bool = True, threshold: float | None = None,
                 refusal_mode: str | None = None, media: bool = False,
-                eos_ids: tuple[int, ...] | None = None) -> Decoder:
+                eos_ids: tuple[int, ...] | None = None, recheck_every: int = 0,
+                recheck_threshold: float = 0.5) -> Decoder:
         """The Decoder for ``strategy``: a CASA model's runs under its safety gate (``threshold`` /
         ``refusal_mode`` override the stored ones) unless ``gated=False``; others under ``NoGate``. ``eos_ids``:
-        stop tokens other than the tokenizer's end-of-text / end-of-turn ids."""
+        stop tokens other than the tokenizer's end-of-text / end-of-turn ids. ``recheck_every`` > 0: the CASA
+        gate re-checks the sequence during decoding (``gates.CasaGate``)."""
         gate = NoGate()
         if self.is_casa and gated:
             casa = dataclasses.replace(self.casa, **({"threshold": threshold} if threshold is not None else {}),
                                        **({"refusal_mode": refusal_mode} if refusal_mode else {}))
-            gate = CasaGate(casa, self.model.ids)
+            gate = CasaGate(casa, self.model.ids, recheck_every=recheck_every, recheck_threshold=recheck_threshold)
         eos_ids = tuple(eos_ids) if eos_ids is not None else self.eos_ids
         key = (strategy, gate, media, eos_ids)
         if key not in self._decoders:

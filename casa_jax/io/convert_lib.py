@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from casa_jax import storage
 from casa_jax.io.hf import load_hf_checkpoint, write_hf_checkpoint
 from casa_jax.io.hf_files import CheckpointError, check_output_dir
 from casa_jax.io.orbax_io import restore_checkpoint, save_checkpoint, sidecar_dir
@@ -15,8 +16,9 @@ def hf_to_ckpt(hf_dir: str, out_dir: str, param_dtype: str | None = None, overwr
     """Hugging Face directory -> casa-jax checkpoint (tokenizer files carried along)."""
     refuse_overlap({"--out_dir": out_dir}, {"--hf_dir": hf_dir}, CheckpointError)
     check_output_dir(out_dir, overwrite)
-    loaded = load_hf_checkpoint(hf_dir, param_dtype=param_dtype)
-    save_checkpoint(out_dir, loaded, sidecar_from=hf_dir, overwrite=overwrite)
+    with storage.local_dir(hf_dir) as local:  # safetensors reads local files: a bucket's are copied first
+        loaded = load_hf_checkpoint(local, param_dtype=param_dtype)
+        save_checkpoint(out_dir, loaded, sidecar_from=local, overwrite=overwrite)
 
 
 log = logging.getLogger(__name__)
@@ -35,9 +37,11 @@ def gguf_to_ckpt(gguf_path: str, out_dir: str, param_dtype: str | None = None, o
         gguf_to_hf_dir(gguf_path, hf_dir, overwrite=overwrite)
         hf_to_ckpt(hf_dir, out_dir, param_dtype, overwrite)
         return
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=parent) as tmp:  # beside the output: same filesystem, no /tmp limits
+    parent = None  # a bucket output: the staging folder goes to the system's temporary directory
+    if not storage.is_remote(out_dir):
+        parent = os.path.dirname(os.path.abspath(out_dir))  # beside the output: same filesystem, no /tmp limits
+        os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=parent) as tmp:
         gguf_to_hf_dir(gguf_path, os.path.join(tmp, "hf"))
         hf_to_ckpt(os.path.join(tmp, "hf"), out_dir, param_dtype, overwrite)
 

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from casa_jax import storage
 from casa_jax.distributed import is_writer, to_host
 from casa_jax.io import hf_files
 from casa_jax.io.hf_files import CheckpointError, SafetensorsDir
@@ -200,13 +201,14 @@ def write_hf_checkpoint(out_dir: str, params: Mapping, spec: ModelSpec,
             for _ in tensors:  # the gathers are collective: every process takes part in each
                 pass
             return
-        hf_files.write_safetensors(tmp, tensors, max_shard_bytes)
-        hf_files.write_json(os.path.join(tmp, "config.json"), export_config(spec))
-        if sidecar_dir:
-            for name in SIDECAR_FILES:
-                src = os.path.join(sidecar_dir, name)
-                if os.path.isfile(src):
-                    shutil.copyfile(src, os.path.join(tmp, name))
+        with storage.staged_dir(tmp) as local:  # safetensors writes local files; a bucket gets them after
+            hf_files.write_safetensors(local, tensors, max_shard_bytes)
+            hf_files.write_json(os.path.join(local, "config.json"), export_config(spec))
+            if sidecar_dir:
+                with storage.local_dir(sidecar_dir) as sidecar:
+                    for name in sidecar_files(sidecar):
+                        shutil.copyfile(os.path.join(sidecar, name), os.path.join(local, name))
+
 
 def sidecar_files(hf_dir: str) -> list[str]:
     return [n for n in SIDECAR_FILES if os.path.isfile(os.path.join(hf_dir, n))]

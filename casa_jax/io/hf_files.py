@@ -183,7 +183,7 @@ def atomic_directory(final_dir: str, overwrite: bool = False) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _replace_dir(tmp, final_dir, parent)
+    _replace_dir(tmp, final_dir, parent, tmp.rsplit(".partial-", 1)[1])
 
 
 @contextlib.contextmanager
@@ -200,25 +200,20 @@ def _shared_atomic_directory(final_dir: str, parent: str) -> Iterator[str]:
     yield tmp
     barrier(f"written {tmp}")
     if is_writer():
-        if storage.exists(final_dir):
-            old = storage.join(parent, f"{os.path.basename(final_dir)}.old-{token}")
-            storage.rename(final_dir, old)
-            storage.rename(tmp, final_dir)
-            storage.rmtree(old)
-        else:
-            storage.rename(tmp, final_dir)
+        _replace_dir(tmp, final_dir, parent, token)
     barrier(f"renamed {tmp}")
 
 
-def _replace_dir(tmp: str, final_dir: str, parent: str) -> None:
-    """Rename ``tmp`` to ``final_dir``, moving an existing ``final_dir`` aside first and then deleting it."""
-    if os.path.exists(final_dir):
-        old = tempfile.mkdtemp(prefix=os.path.basename(final_dir) + ".old-", dir=parent)
-        os.rename(final_dir, os.path.join(old, "x"))
-        os.rename(tmp, final_dir)
-        shutil.rmtree(old, ignore_errors=True)
+def _replace_dir(tmp: str, final_dir: str, parent: str, token: str) -> None:
+    """Rename ``tmp`` to ``final_dir`` (local or in a bucket), moving an existing ``final_dir`` aside to a
+    ``.old-<token>`` sibling first and deleting that afterwards."""
+    if storage.exists(final_dir):
+        old = storage.join(parent, f"{os.path.basename(final_dir)}.old-{token}")
+        storage.rename(final_dir, old)
+        storage.rename(tmp, final_dir)
+        storage.rmtree(old)
     else:
-        os.rename(tmp, final_dir)
+        storage.rename(tmp, final_dir)
 
 
 def write_safetensors(out_dir: str, tensors: Iterator[tuple[str, np.ndarray]], max_shard_bytes: int) -> None:

@@ -16,13 +16,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from etils import epath
 
 from casa_jax import storage
 from casa_jax.distributed import is_writer
@@ -90,17 +88,15 @@ def encoder_reference(ckpt_dir: str) -> dict:
 
 def _write_sidecar(out_dir: str, sidecar_from: str | None, tokenizer) -> None:
     """The tokenizer files (copied from ``sidecar_from``, then ``tokenizer`` saved over them) in ``out_dir``,
-    local or in a bucket (transformers writes local files: through a local directory)."""
-    with tempfile.TemporaryDirectory(prefix="casa-jax-sidecar-") as local:
+    local or in a bucket (transformers writes local files: through a staged local directory)."""
+    with storage.staged_dir(out_dir) as local:
+        os.makedirs(local, exist_ok=True)
         if sidecar_from:
             with storage.local_dir(sidecar_from) as src:
                 for name in sidecar_files(src):
                     shutil.copyfile(os.path.join(src, name), os.path.join(local, name))
         if tokenizer is not None:
             tokenizer.save_pretrained(local)
-        storage.makedirs(out_dir)
-        for name in sorted(os.listdir(local)):
-            epath.Path(local, name).copy(epath.Path(out_dir) / name, overwrite=True)
 
 
 def read_meta(ckpt_dir: str) -> dict:

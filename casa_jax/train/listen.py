@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import time
 from typing import Callable, Sequence
@@ -344,10 +343,10 @@ def save_metrics(path: str, metrics: Sequence[dict]) -> None:
 def benign_records(targets_file: str) -> list[dict]:
     """The benign train-split rows of a trainer's ``targets.json`` (text prompts and the base model's own
     greedy replies), each prompt once: the listening data needs no second distillation."""
-    if not os.path.isfile(targets_file):
+    from casa_jax import storage
+    if not storage.isfile(targets_file):
         raise FileNotFoundError(f"{targets_file}: no distilled targets (train a text model on this base first)")
-    with open(targets_file) as f:
-        rows = json.load(f)["train"]
+    rows = json.loads(storage.read_text(targets_file))["train"]
     seen, out = set(), []
     for r in rows:
         if not r["harmful"] and not r.get("prefix") and not r.get("forced_unsafe") and r["prompt"] not in seen:

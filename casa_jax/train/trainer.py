@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import signal
 import sys
 import threading
@@ -158,11 +157,7 @@ class _TensorBoard:
         self.writer.close()
         if self._local:
             import shutil
-
-            from etils import epath
-            storage.makedirs(self.remote)
-            for name in os.listdir(self._local):
-                epath.Path(self._local, name).copy(epath.Path(self.remote) / name, overwrite=True)
+            storage.upload_dir(self._local, self.remote)
             shutil.rmtree(self._local, ignore_errors=True)
 
 
