@@ -23,8 +23,8 @@ def is_remote(path: str) -> bool:
 
 
 def resolve(path: str) -> str:
-    """An absolute local path (``~`` expanded), or the URL unchanged."""
-    return str(path) if is_remote(path) else os.path.abspath(os.path.expanduser(str(path)))
+    """An absolute local path (``~`` expanded), or the URL without a trailing ``/``."""
+    return str(path).rstrip("/") if is_remote(path) else os.path.abspath(os.path.expanduser(str(path)))
 
 
 def join(path: str, *parts: str) -> str:

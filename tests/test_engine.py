@@ -145,8 +145,9 @@ def test_decode_loop_carries_a_sharded_cache(engines):
         decoder = engine.decoder()
         chunk_ids, chunk_mask = decoder.gate.chunk([[]] * len(PROMPTS), engine.pad_id)
         with engine.context():
+            limits = np.full((len(PROMPTS),), 3, np.int32)
             texts[engine.name] = decoder._text_jit.lower(engine.weights, ids, mask, chunk_ids, chunk_mask,
-                                                         jax.random.key(0), 3).as_text()
+                                                         jax.random.key(0), limits, 3).as_text()
     cache_rule = '<@mesh, [{}, {"data", "fsdp"}, {}, {"tensor"}, {}]>'  # [layers, batch, length, kv_heads, dim]
     loop = texts["pod"][texts["pod"].index("stablehlo.while"):]  # the while_loop and what follows it
     assert cache_rule in texts["pod"] and loop.count(cache_rule) >= 2  # prefill's cache and each step's

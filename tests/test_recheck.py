@@ -1,5 +1,6 @@
 """The re-checking CASA gate (``CasaGate(recheck_every=N)``): the safety head re-read on the sequence so far
-after an attacker prefill and every N decoded tokens; a row found unsafe stops and gets the refusal.
+after an attacker prefill, every N decoded tokens and as a row ends; a row found unsafe stops and gets the
+refusal.
 
 Controls on the session's tiny CASA model: a threshold no v_s reaches changes nothing (same tokens as
 the plain gate); a threshold every v_s reaches ends every row, a prefilled one at the boundary (step 0)
@@ -43,5 +44,21 @@ def test_recheck_that_always_fires_ends_each_row_where_due(engine):
     ids = [render_prompt(engine.tokenizer, p) for p in PROMPTS]
     prefills = [engine.tokenizer.encode(p, add_special_tokens=False) if p else [] for p in PREFILLS]
     rows = decoder.generate(engine.weights, ids, 12, prefills)
-    assert [r.decision.turned_at for r in rows] == [3, 0, 3]  # the prefill boundary, then step N
+    # the prefill boundary (step 0); the others at the first due check (step 3), or where they end, if sooner
+    expected = [0 if p else min(3, r.completion_tokens + 1) for p, r in zip(PREFILLS, plain)]
+    assert [r.decision.turned_at for r in rows] == expected
     assert all(r.tokens == [] for r in rows)
+
+
+def test_each_row_stops_at_its_own_limit_and_its_end_is_rechecked(engine):
+    """Per-row limits stop rows on the device (the batch compiled for 12); a re-check on the step a row
+    ends covers its last tokens, and never a step past its limit."""
+    from casa_jax.infer.chat import chat_replies
+    limits = [2, 5, 12]
+    plain = chat_replies(engine, PROMPTS, 12, prefills=PREFILLS)
+    cut = chat_replies(engine, PROMPTS, limits, prefills=PREFILLS)
+    for p, c, limit in zip(plain, cut, limits):
+        assert c.completion_tokens == min(limit, p.completion_tokens) and p.text.startswith(c.text)
+    ended = chat_replies(engine, PROMPTS, limits, prefills=[""] * 3, recheck_every=50, recheck_threshold=0.0)
+    assert [r.turned_at for r in ended] == [min(limit, p.completion_tokens + 1) for limit, p in
+                                            zip(limits, chat_replies(engine, PROMPTS, limits))]

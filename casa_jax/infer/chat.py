@@ -24,6 +24,7 @@ class Reply:
     prefill: str = ""  # the attacker-controlled assistant prefix that ``text`` starts with (if any)
     prompt_tokens: int = 0  # the rendered prompt's length (media placeholders included)
     completion_tokens: int = 0  # tokens the model generated (after the safety token and any prefill)
+    turned_at: int = -1  # re-checking gate: the decode step at which the reply was found unsafe (-1: never)
 
     @property
     def continuation(self) -> str:
@@ -40,11 +41,12 @@ def chat_replies(engine, prompts: Sequence[str | Sequence[dict]], max_new_tokens
                  recheck_threshold: float = 0.5) -> list[Reply]:
     """One ``Reply`` per prompt from ``engine`` (an ``infer.engine.Engine``). A prompt is a user message, or a
     whole conversation (``[{"role": ..., "content": str}, ...]``, system and earlier turns included, ending
-    with a user turn). ``max_new_tokens``: one limit, or one per prompt (the batch decodes up to the largest
-    and each row is cut to its own; ``decode_length``: decode that many steps instead, e.g. a bucket, so a
-    server compiles one shape for many limits). ``recheck_every`` > 0 (CASA): re-check the safety head
-    during decoding, every that many tokens and after an attacker prefill; a reply found unsafe ends and
-    becomes the refusal template (``gates.CasaGate``). ``images`` / ``audios``: one per prompt (or None entries) for thinkers. A CASA model trained with the safety prompt
+    with a user turn). ``max_new_tokens``: one limit, or one per prompt (the batch is compiled for the
+    largest and each row stops at its own; ``decode_length``: compile for that many steps instead, e.g. a
+    bucket, so a server compiles one shape for many limits). ``recheck_every`` > 0 (CASA): re-check the
+    safety head during decoding, after an attacker prefill, every that many tokens and as a row ends; a
+    reply found unsafe ends and becomes the refusal template (``gates.CasaGate``). ``images`` /
+    ``audios``: one per prompt (or None entries) for thinkers. A CASA model trained with the safety prompt
     (``casa.safety_prompt``) always gets it here too, so serving and threshold calibration see the
     prompts training saw."""
     import jax
@@ -101,10 +103,9 @@ def chat_replies(engine, prompts: Sequence[str | Sequence[dict]], max_new_tokens
     decoder = engine.decoder(strategy, threshold=threshold, refusal_mode=refusal_mode, media=has_media,
                              recheck_every=recheck_every, recheck_threshold=recheck_threshold)
     if has_media:
-        outs = decoder.generate_multimodal(engine.weights, arrays, max_new_tokens, prefill_ids, rng)
+        outs = decoder.generate_multimodal(engine.weights, arrays, max_new_tokens, prefill_ids, rng, limits=limits)
     else:
-        outs = decoder.generate(engine.weights, ids, max_new_tokens, prefill_ids, rng)
-    outs = [dataclasses.replace(out, tokens=out.tokens[:limit]) for out, limit in zip(outs, limits)]
+        outs = decoder.generate(engine.weights, ids, max_new_tokens, prefill_ids, rng, limits=limits)
 
     if engine.is_casa:
         casa = decoder.gate.casa
@@ -116,7 +117,7 @@ def chat_replies(engine, prompts: Sequence[str | Sequence[dict]], max_new_tokens
             else:
                 text = prefix + strip_safety_tokens(tokenizer.decode(out.tokens, skip_special_tokens=True), casa)
             replies.append(Reply(prompt, text, d.verdict, d.v_s, d.p_safe, d.p_unsafe, prefill=prefix,
-                                 prompt_tokens=int(n), completion_tokens=len(out.tokens)))
+                                 prompt_tokens=int(n), completion_tokens=len(out.tokens), turned_at=d.turned_at))
         return replies
 
     cosines = [None] * len(prompts)

@@ -106,13 +106,15 @@ class DecodeState:
 def decode_loop(model: CausalLM, variables: dict, strategy, eos_ids: Sequence[int], pad_id: int, cache: KVCache,
                 logits: jax.Array, positions: jax.Array, done: jax.Array, rng: jax.Array,
                 max_new_tokens: int, watcher: Callable | None = None, watch: Any = None,
-                hidden_layers: tuple[int, ...] = ()) -> tuple[jax.Array, Any]:
+                hidden_layers: tuple[int, ...] = (), limits: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """One-token cached steps in a ``lax.while_loop`` until every row is done or ``max_new_tokens``.
 
     logits [B, V] predict the first token, which goes at ``positions`` [B]; rows already ``done`` emit
-    ``pad_id``. ``watcher(watch, step_out, step, done) -> (watch, stop [B])``: a gate's per-step hook (the
-    re-checking CASA gate), run after each step with ``hidden_layers`` computed. Returns (tokens [B,
-    max_new_tokens], the final ``watch``).
+    ``pad_id``; a row is done after ``limits`` [B] tokens (default: ``max_new_tokens``).
+    ``watcher(watch, step_out, step, was_done, done) -> (watch, stop [B])``: a gate's per-step hook (the
+    re-checking CASA gate), run after each step with ``hidden_layers`` computed; ``was_done`` / ``done``
+    are the rows finished before / after this step. Returns (tokens [B, max_new_tokens], the final
+    ``watch``).
     """
     batch = logits.shape[0]
     state = DecodeState(cache=cache, logits=logits, positions=positions,
@@ -128,11 +130,13 @@ def decode_loop(model: CausalLM, variables: dict, strategy, eos_ids: Sequence[in
         token = jnp.where(s.done, pad_id, strategy(s.logits, key))
         tokens = s.tokens.at[:, s.step].set(token)
         done = s.done | jnp.isin(token, eos)
+        if limits is not None:
+            done = done | (s.step + 1 >= limits)
         step_out = model.apply(variables, token[:, None], s.positions[:, None], jnp.ones((batch, 1), jnp.int32),
                                cache=s.cache, hidden_layers=hidden_layers if watcher else ())
         watch = s.watch
         if watcher is not None:
-            watch, stop = watcher(watch, step_out, s.step, done)
+            watch, stop = watcher(watch, step_out, s.step, s.done, done)
             done = done | stop
         return DecodeState(cache=step_out.cache, logits=step_out.logits[:, -1], positions=s.positions + 1,
                            tokens=tokens, done=done, step=s.step + 1, rng=rng, watch=watch)
@@ -192,71 +196,76 @@ class Decoder:
         if self.gate is None:
             from casa_jax.infer.gates import NoGate
             object.__setattr__(self, "gate", NoGate())
-        object.__setattr__(self, "_text_jit", jax.jit(self._run_text, static_argnums=(6,)))
-        object.__setattr__(self, "_media_jit", jax.jit(self._run_media, static_argnums=(5,)))
+        object.__setattr__(self, "_text_jit", jax.jit(self._run_text, static_argnums=(7,)))
+        object.__setattr__(self, "_media_jit", jax.jit(self._run_media, static_argnums=(6,)))
 
     @property
     def decoder(self) -> CausalLM:
         return CausalLM(self.text, self.lora)
 
     # -- traced ---------------------------------------------------------------------------------------
-    def _run_text(self, weights: Weights, ids, mask, chunk_ids, chunk_mask, rng, max_new_tokens: int):
+    def _run_text(self, weights: Weights, ids, mask, chunk_ids, chunk_mask, rng, limits, max_new_tokens: int):
         self.traces["text"] = self.traces.get("text", 0) + 1  # runs at trace time only
         batch, length = ids.shape
         cache = KVCache.for_config(self.text, batch, length + chunk_ids.shape[1] + max_new_tokens)
         positions = positions_from_mask(mask)
         out = self.decoder.apply(weights.variables(), ids, positions, mask, cache=cache,
                                  hidden_layers=self.gate.hidden_layers, last_only=True)
-        return self._after_prefill(weights, out, mask, positions[:, -1] + 1, chunk_ids, chunk_mask, rng,
+        return self._after_prefill(weights, out, mask, positions[:, -1] + 1, chunk_ids, chunk_mask, rng, limits,
                                    max_new_tokens)
 
-    def _run_media(self, weights: Weights, inputs, chunk_ids, chunk_mask, rng, max_new_tokens: int):
+    def _run_media(self, weights: Weights, inputs, chunk_ids, chunk_mask, rng, limits, max_new_tokens: int):
         self.traces["media"] = self.traces.get("media", 0) + 1
         batch, length = inputs.input_ids.shape
         cache = KVCache.for_config(self.text, batch, length + chunk_ids.shape[1] + max_new_tokens)
         out = self.thinker(weights.params, weights.encoders, inputs, cache=cache,
                            hidden_layers=self.gate.hidden_layers, lora=weights.lora, last_only=True)
         return self._after_prefill(weights, out, inputs.attention_mask, next_decode_positions(inputs), chunk_ids,
-                                   chunk_mask, rng, max_new_tokens)
+                                   chunk_mask, rng, limits, max_new_tokens)
 
-    def _after_prefill(self, weights, out, prompt_mask, next_positions, chunk_ids, chunk_mask, rng, max_new_tokens):
+    def _after_prefill(self, weights, out, prompt_mask, next_positions, chunk_ids, chunk_mask, rng, limits,
+                       max_new_tokens):
         opened = self.gate.open(self.decoder, weights, out, prompt_mask, next_positions, chunk_ids, chunk_mask)
         watcher = functools.partial(self.gate.watch, weights) if self.gate.watches else None
         tokens, watch = decode_loop(self.decoder, weights.variables(), self.strategy, self.eos_ids, self.pad_id,
                                     opened.cache, opened.logits, opened.positions, opened.done, rng, max_new_tokens,
-                                    watcher, opened.watch, self.gate.hidden_layers)
+                                    watcher, opened.watch, self.gate.hidden_layers, limits)
         decision = self.gate.finish(opened.decision, watch) if self.gate.watches else opened.decision
         return tokens, decision
 
     # -- host entry points ----------------------------------------------------------------------------
     def generate(self, weights: Weights, prompts: Sequence[Sequence[int]], max_new_tokens: int = 32,
-                 prefills: Sequence[Sequence[int]] | None = None, rng: jax.Array | None = None) -> list[Generated]:
+                 prefills: Sequence[Sequence[int]] | None = None, rng: jax.Array | None = None,
+                 limits: Sequence[int] | None = None) -> list[Generated]:
         """Prompt ids (a chat prompt ends with the opened assistant turn) -> one ``Generated`` per row,
         up to and excluding the first EOS. ``prefills``: attacker-controlled assistant ids, placed where
-        the gate says (after a CASA model's safety token; else right after the prompt)."""
+        the gate says (after a CASA model's safety token; else right after the prompt). ``limits``: each
+        row's own token limit (<= ``max_new_tokens``, the compiled length); a row stops there."""
         prefills = _check_prefills(prefills, len(prompts))
+        limits = _check_limits(limits, len(prompts), max_new_tokens)
         if self.gate.prefill_in_prompt:  # one prefill over prompt + attacker prefix
             prompts, prefills = [list(p) + list(q) for p, q in zip(prompts, prefills)], [[]] * len(prompts)
         chunk_ids, chunk_mask = self.gate.chunk(prefills, self.pad_id)
         ids, mask = left_pad(prompts, bucket_length(max(len(p) for p in prompts)), self.pad_id)
         with self.context():
             tokens, decision = self._text_jit(weights, ids, mask, chunk_ids, chunk_mask,
-                                              jax.random.key(0) if rng is None else rng, max_new_tokens)
+                                              jax.random.key(0) if rng is None else rng, limits, max_new_tokens)
         return self._collect(tokens, decision)
 
     def generate_multimodal(self, weights: Weights, arrays: dict, max_new_tokens: int = 32,
                             prefills: Sequence[Sequence[int]] | None = None,
-                            rng: jax.Array | None = None) -> list[Generated]:
+                            rng: jax.Array | None = None, limits: Sequence[int] | None = None) -> list[Generated]:
         """Like ``generate`` for ``OmniProcessor`` outputs (images, audio, video), through ``self.thinker``.
         The prompt batch is left-padded to a prefill bucket before ``thinker.prepare``."""
         if self.thinker is None:
             raise ValueError("generate_multimodal needs a Decoder built with thinker=Thinker(...)")
         prefills = _check_prefills(prefills, np.asarray(arrays["input_ids"]).shape[0])
+        limits = _check_limits(limits, len(prefills), max_new_tokens)
         chunk_ids, chunk_mask = self.gate.chunk(prefills, self.pad_id)  # media prompts: always a chunk
         inputs = self.thinker.prepare(**pad_to_bucket(arrays, self.pad_id))
         with self.context():
             tokens, decision = self._media_jit(weights, inputs, chunk_ids, chunk_mask,
-                                               jax.random.key(0) if rng is None else rng, max_new_tokens)
+                                               jax.random.key(0) if rng is None else rng, limits, max_new_tokens)
         return self._collect(tokens, decision)
 
     def _collect(self, tokens, decision) -> list[Generated]:
@@ -264,6 +273,14 @@ class Decoder:
         rows = self.gate.rows(decision, tokens.shape[0])
         return [Generated(tokens=[] if self.gate.drops_tokens(row) else cut_at_eos(tokens[i].tolist(), self.eos_ids),
                           decision=row) for i, row in enumerate(rows)]
+
+
+def _check_limits(limits, batch: int, max_new_tokens: int) -> np.ndarray:
+    """[B] int32 token limits, each in 1..max_new_tokens (all ``max_new_tokens`` when None)."""
+    out = np.full((batch,), max_new_tokens, np.int32) if limits is None else np.asarray(limits, np.int32)
+    if out.shape != (batch,) or (out < 1).any() or (out > max_new_tokens).any():
+        raise ValueError(f"limits {list(out)}: expected {batch} values in 1..{max_new_tokens}")
+    return out
 
 
 def _check_prefills(prefills, batch: int) -> list[list[int]]:

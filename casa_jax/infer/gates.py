@@ -112,8 +112,10 @@ class CasaGate:
     """CASA's safety step at step 0 (see the module docstring).
 
     ``recheck_every`` > 0 re-evaluates the safety head during decoding: on the whole sequence so far
-    (prompt, safety token, attacker prefill, reply) after the prefill chunk and then every that many
-    decoded tokens. When its v_s reaches ``recheck_threshold`` the row stops and its reply becomes the
+    (prompt, safety token, attacker prefill, reply) after the prefill chunk, then every that many
+    decoded tokens and when a row finishes. Rows already ``unsafe`` at the safety step are re-checked
+    too (a prefilled one otherwise goes on to write the answer), so a learned refusal can give way to
+    the template. When its v_s reaches ``recheck_threshold`` the row stops and its reply becomes the
     refusal template. Only v_s is read there: the LM's safety-token logits were trained at the safety
     position alone, not in the middle of a reply."""
 
@@ -187,14 +189,17 @@ class CasaGate:
         turned = rows & (watch.turned_at < 0) & (v_s >= self.recheck_threshold)
         return watch.replace(turned_at=jnp.where(turned, step, watch.turned_at))
 
-    def watch(self, weights, watch: Recheck, step_out, step, done) -> tuple[Recheck, jax.Array]:
+    def watch(self, weights, watch: Recheck, step_out, step, was_done, done) -> tuple[Recheck, jax.Array]:
         """After decode step ``step`` (its token written at the cache's previous index): store its hidden
-        state; every ``recheck_every`` steps re-check the live rows. Returns the state and the rows to stop."""
+        state; re-check the live rows every ``recheck_every`` steps, and a row on the step it finishes (its
+        end-of-turn or its limit), so a reply's last tokens are checked too. Returns the state and the rows
+        to stop."""
         hidden = jax.lax.dynamic_update_slice_in_dim(watch.hidden, self._hidden(step_out),
                                                      step_out.cache.index - 1, axis=1)
         watch = watch.replace(hidden=hidden)
         due = (step + 1) % self.recheck_every == 0
-        watch = jax.lax.cond(due, lambda w: self._recheck(weights, w, step_out.cache.valid, ~done, step + 1),
+        rows = (due & ~done) | (done & ~was_done)
+        watch = jax.lax.cond(rows.any(), lambda w: self._recheck(weights, w, step_out.cache.valid, rows, step + 1),
                              lambda w: w, watch)
         return watch, watch.turned_at >= 0
 

@@ -211,7 +211,10 @@ def _replace_dir(tmp: str, final_dir: str, parent: str, token: str) -> None:
         old = storage.join(parent, f"{os.path.basename(final_dir)}.old-{token}")
         storage.rename(final_dir, old)
         storage.rename(tmp, final_dir)
-        storage.rmtree(old)
+        try:
+            storage.rmtree(old)
+        except OSError as e:  # the new directory is in place; what is left is a stale copy, named as such
+            log.warning("%s: could not delete the replaced copy %s (%s)", final_dir, old, e)
     else:
         storage.rename(tmp, final_dir)
 

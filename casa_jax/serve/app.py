@@ -19,7 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from casa_jax.serve import protocol
-from casa_jax.serve.batcher import Batcher, round_up
+from casa_jax.serve.batcher import Batcher
 
 
 def _field(loc) -> str:
@@ -81,12 +81,16 @@ def build_app(engine, model_name: str, *, max_tokens: int = 256, default_policy:
         if not state["ready"]:
             raise protocol.InvalidRequest("the server is shutting down", status=503, code="shutting_down")
         generation = protocol.check_request(request, model_name, max_tokens, default_policy)
-        _check_context(engine, generation, round_up(generation.max_tokens, state["batcher"].token_buckets))
+        _check_context(engine, generation, state["batcher"].decode_tokens(generation))
         try:
             future = state["batcher"].submit(generation)
         except RuntimeError as e:
             raise protocol.InvalidRequest(str(e), status=503, code="shutting_down") from e
-        reply = await asyncio.wrap_future(future)
+        try:
+            reply = await asyncio.wrap_future(future)
+        except Exception as e:  # noqa: BLE001 - a failed decode: an OpenAI-style server error, not a bare 500
+            return JSONResponse({"error": {"message": f"generation failed: {type(e).__name__}: {e}",
+                                           "type": "server_error", "param": None, "code": None}}, status_code=500)
         safety = protocol.safety_object(reply, threshold)
         unsafe = safety is not None and safety["verdict"] == "unsafe"
         if unsafe and generation.policy == "error":
@@ -110,10 +114,14 @@ def _check_context(engine, generation, decode_tokens: int) -> None:
     not an error inside someone else's batch."""
     from casa_jax.casa.examples import render_conversation
     from casa_jax.infer.chat import check_context
+    from casa_jax.infer.decode import PREFILL_BUCKETS
     from casa_jax.processing import InputError
     ids = render_conversation(engine.tokenizer, list(generation.conversation),
                               bool(engine.is_casa and engine.casa.safety_prompt))
     prefill = engine.tokenizer.encode(generation.prefill, add_special_tokens=False) if generation.prefill else []
+    if len(ids) + len(prefill) > PREFILL_BUCKETS[-1]:
+        raise protocol.InvalidRequest(f"messages: the prompt takes {len(ids) + len(prefill)} tokens, more than the largest "
+                             f"prefill bucket ({PREFILL_BUCKETS[-1]})", "messages", code="context_length_exceeded")
     try:
         check_context(engine.spec.text.max_position_embeddings, [generation.conversation[-1]["content"]], [len(ids)],
                       [len(prefill)], decode_tokens)

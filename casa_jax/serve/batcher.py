@@ -25,18 +25,16 @@ def round_up(n: int, buckets) -> int:
     return next((b for b in buckets if b >= n), n)
 
 
+def refusal_mode(generation: Generation) -> str:
+    """Whether an ``unsafe`` row stops at once (template and error policies) or writes its own refusal."""
+    return "model" if generation.policy == "model" else "template"
+
+
 @dataclasses.dataclass
 class _Job:
     generation: Generation
     future: concurrent.futures.Future
-
-    @property
-    def key(self) -> tuple:
-        """What one compiled decoder serves: sampling settings (and the seed, for sampled requests) and
-        whether an ``unsafe`` row stops at once (template and error policies) or writes its own refusal."""
-        g = self.generation
-        return (g.temperature, g.top_p, g.seed if g.temperature > 0 else None,
-                "model" if g.policy == "model" else "template")
+    key: tuple  # what one batch shares (``Batcher.key``)
 
 
 @dataclasses.dataclass
@@ -71,10 +69,21 @@ class Batcher:
         with self._cond:
             if self._closed:
                 raise RuntimeError("the server is shutting down")
-            self._waiting.append(_Job(generation, future))
+            self._waiting.append(_Job(generation, future, self.key(generation)))
             self.stats.in_flight += 1
             self._cond.notify()
         return future
+
+    def decode_tokens(self, generation: Generation) -> int:
+        """The decode length ``generation`` runs at: its ``max_tokens`` rounded up to a token bucket."""
+        return round_up(generation.max_tokens, self.token_buckets)
+
+    def key(self, generation: Generation) -> tuple:
+        """What requests must share to be batched: one compiled decoder (sampling settings, the seed for
+        sampled requests, the refusal mode) and one decode length (the one their context was checked at)."""
+        g = generation
+        return (g.temperature, g.top_p, g.seed if g.temperature > 0 else None, refusal_mode(g),
+                self.decode_tokens(g))
 
     def close(self, timeout: float | None = None) -> None:
         """Finish every request already submitted, then stop the worker."""
@@ -123,12 +132,11 @@ class Batcher:
         g = generations[0]
         size = round_up(len(generations), self.batch_buckets)
         rows = generations + [g] * (size - len(generations))
-        tokens = round_up(max(r.max_tokens for r in rows), self.token_buckets)
-        refusal_mode = _Job(g, None).key[-1]
+        tokens = self.decode_tokens(g)  # the same for the whole batch (part of its key)
         replies = chat_replies(
             self.engine, [list(r.conversation) for r in rows], [r.max_tokens for r in rows],
             temperature=g.temperature, top_p=g.top_p, seed=g.seed,
-            refusal_mode=refusal_mode if self.engine.is_casa else None, prefills=[r.prefill for r in rows],
+            refusal_mode=refusal_mode(g) if self.engine.is_casa else None, prefills=[r.prefill for r in rows],
             decode_length=tokens, recheck_every=self.recheck_every)
         self.stats.batches += 1
         self.stats.requests += len(generations)

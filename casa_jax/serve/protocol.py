@@ -58,10 +58,10 @@ class ChatRequest(pydantic.BaseModel):
     messages: list[Message] = pydantic.Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
-    temperature: float = 0.0
+    temperature: float | None = None  # greedy (0) when absent: deterministic answers unless asked otherwise
     top_p: float | None = None
-    n: int = 1
-    stream: bool = False
+    n: int | None = None
+    stream: bool | None = None
     seed: int | None = None
     stop: str | list[str] | None = None
     safety_policy: Literal["model", "template", "error"] | None = None
@@ -93,7 +93,8 @@ def check_request(request: ChatRequest, served: str, token_limit: int, default_p
     unknown = sorted(set(request.model_extra or {}) - IGNORED)
     if unknown:
         raise InvalidRequest(f"{unknown[0]}: not supported by this server", unknown[0])
-    if request.n != 1:
+    temperature = 0.0 if request.temperature is None else request.temperature
+    if request.n not in (None, 1):
         raise InvalidRequest(f"n={request.n}: only n=1 is served", "n")
     if request.stop:
         raise InvalidRequest("stop: stop sequences are not supported (replies end at the end-of-turn token)", "stop")
@@ -102,11 +103,11 @@ def check_request(request: ChatRequest, served: str, token_limit: int, default_p
     limit = token_limit if limit is None else limit
     if not 1 <= limit <= token_limit:
         raise InvalidRequest(f"{field}={limit}: expected 1 to {token_limit}", field)
-    if not 0 <= request.temperature <= 2:
-        raise InvalidRequest(f"temperature={request.temperature}: expected a value in [0, 2]", "temperature")
+    if not 0 <= temperature <= 2:
+        raise InvalidRequest(f"temperature={temperature}: expected a value in [0, 2]", "temperature")
     if request.top_p is not None and not 0 < request.top_p <= 1:
         raise InvalidRequest(f"top_p={request.top_p}: expected a value in (0, 1]", "top_p")
-    if request.top_p is not None and request.temperature == 0 and request.top_p != 1:
+    if request.top_p is not None and temperature == 0 and request.top_p != 1:
         raise InvalidRequest("top_p only applies to sampling; it would be ignored at temperature=0", "top_p")
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(f"messages.{i}")}
                 for i, m in enumerate(request.messages)]
@@ -119,19 +120,23 @@ def check_request(request: ChatRequest, served: str, token_limit: int, default_p
     if not messages[-1]["content"].strip():
         raise InvalidRequest(f"messages.{len(messages) - 1}.content: the user message is empty", "messages")
     return Generation(conversation=tuple(messages), prefill=prefill, max_tokens=limit,
-                      temperature=request.temperature,
-                      top_p=None if request.temperature == 0 or request.top_p == 1 else request.top_p,
+                      temperature=temperature,
+                      top_p=None if temperature == 0 or request.top_p == 1 else request.top_p,
                       seed=0 if request.seed is None else request.seed,
-                      policy=request.safety_policy or default_policy, stream=request.stream)
+                      policy=request.safety_policy or default_policy, stream=bool(request.stream))
 
 
 def safety_object(reply, threshold: float | None) -> dict | None:
     """The verdict of a CASA reply (None for other models). ``threshold``: the one the gate used; with none
-    set the decision is the argmax of the two safety tokens, i.e. p_unsafe > 0.5."""
+    set the decision is the argmax of the two safety tokens, i.e. p_unsafe > 0.5. A reply the re-checking
+    gate ended says so (``rule: "recheck"`` and the decode step); v_s and p_unsafe stay the safety step's."""
     if reply.v_s is None:
         return None
-    return {"verdict": reply.verdict, "v_s": reply.v_s, "p_unsafe": reply.p_unsafe, "p_safe": reply.p_safe,
-            "threshold": 0.5 if threshold is None else threshold, "rule": "argmax" if threshold is None else ">="}
+    out = {"verdict": reply.verdict, "v_s": reply.v_s, "p_unsafe": reply.p_unsafe, "p_safe": reply.p_safe,
+           "threshold": 0.5 if threshold is None else threshold, "rule": "argmax" if threshold is None else ">="}
+    if reply.turned_at >= 0:  # safe at the safety step (or not), then ended by the re-checking gate
+        out.update(rule="recheck", rechecked_unsafe_at=reply.turned_at)
+    return out
 
 
 def finish_reason(reply, generation: Generation, replaced: bool) -> str:
