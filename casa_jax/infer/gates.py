@@ -139,9 +139,8 @@ class CasaGate:
 
     def safety_step(self, weights, out, prompt_mask) -> tuple[jax.Array, jax.Array]:
         """Prefill output -> (full-vocabulary step-0 logits [B, V] with only the safety tokens finite, v_s [B])."""
-        hidden = out.final_hidden if self.casa.hidden_layer < 0 else out.hidden_states[0]
-        v_logit = SafetyAttention(self.casa).apply({"params": weights.safety}, weights.unsafe_query, hidden,
-                                                   prompt_mask.astype(bool))
+        v_logit = SafetyAttention(self.casa).apply({"params": weights.safety}, weights.unsafe_query,
+                                                   self._hidden(out), prompt_mask.astype(bool))
         step = safety_step_logits(out.logits[:, -1], v_logit, self.ids.safe, self.ids.unsafe, self.casa.scaling)
         return step, v_s_from_logit(v_logit)
 

@@ -1,9 +1,10 @@
 """Dynamic batching: concurrent requests gathered into the jitted decode.
 
 One worker thread owns the Engine. It takes the oldest waiting request, waits up to ``max_wait_s`` for
-more with the same sampling settings (they share one compiled decoder), and runs up to ``max_batch`` of
-them as one batch. The batch is padded to a size in ``batch_buckets`` (copies of its first prompt) and
-decoded to a length in ``token_buckets``, each row cut to its own ``max_tokens``; with the Decoder's
+more with the same key (sampling settings and refusal mode, which fix the compiled decoder, and the
+decode-length bucket), and runs up to ``max_batch`` of them as one batch. The batch is padded to a size
+in ``batch_buckets`` (copies of its first prompt) and compiled for its bucket in ``token_buckets``, each
+row stopping on the device at its own ``max_tokens``; with the Decoder's
 prompt-length buckets this bounds the compiled shapes, so a new mix of requests never means a new
 compile once each bucket has been seen.
 """
