@@ -85,9 +85,10 @@ class Weights:
     encoders: Any = None  # thinker encoders, for multimodal prompts
     safety: Any = None  # CASA: SafetyAttention params
     unsafe_query: Any = None  # CASA: [E] frozen pretrained embedding of the unsafe token
+    quant: Any = None  # int8 layer kernels (``model.quantize.quantize_int8``), missing from ``params``
 
     def variables(self) -> dict:
-        return model_variables(self.params, self.lora)
+        return model_variables(self.params, self.lora, self.quant)
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -219,7 +220,8 @@ class Decoder:
         batch, length = inputs.input_ids.shape
         cache = KVCache.for_config(self.text, batch, length + chunk_ids.shape[1] + max_new_tokens)
         out = self.thinker(weights.params, weights.encoders, inputs, cache=cache,
-                           hidden_layers=self.gate.hidden_layers, lora=weights.lora, last_only=True)
+                           hidden_layers=self.gate.hidden_layers, lora=weights.lora, quant=weights.quant,
+                           last_only=True)
         return self._after_prefill(weights, out, inputs.attention_mask, next_decode_positions(inputs), chunk_ids,
                                    chunk_mask, rng, limits, max_new_tokens)
 

@@ -24,34 +24,47 @@ from casa_jax.infer.strategies import Greedy
 from casa_jax.io.trained import TrainedModel, load_trained, load_tokenizer
 from casa_jax.sharding import DEFAULT_RULES, decoder_shardings, place, replicated, rules_context
 
+WEIGHT_FORMATS = ("float", "int8")  # how the decoder layers' kernels are held (``Engine(weights=...)``)
+
 
 class Engine:
     """A model ready to run (see the module docstring). ``mesh``: place the decoder's params and LoRA by
     their logical axes (the rest replicated) and run every compiled function under the mesh and
-    ``rules``, so activation and KV-cache constraints take effect."""
+    ``rules``, so activation and KV-cache constraints take effect. ``weights="int8"``: the decoder layers'
+    kernels as int8 with per-channel scales (``model.quantize``; single device), a quarter of the bytes a
+    CPU decode step reads."""
 
     def __init__(self, model: TrainedModel, tokenizer, *, mesh=None, rules=DEFAULT_RULES, name: str = "model",
-                 sidecar: str | None = None):
+                 sidecar: str | None = None, weights: str = "float"):
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh
         self.rules = tuple(rules)
         self.name = name  # where it came from: a checkpoint directory, or a name for a model in memory
         self.sidecar = sidecar  # the checkpoint's hf_sidecar/ (processor files for media prompts)
-        self.weights = self._place(Weights(params=model.params, lora=model.lora, encoders=model.encoders or None,
-                                           safety=model.safety, unsafe_query=model.unsafe_query))
+        if weights not in WEIGHT_FORMATS:
+            raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_FORMATS}")
+        if weights == "int8" and mesh is not None:
+            raise ValueError("weights='int8' runs on one device; drop the mesh or use weights='float'")
+        self.weight_format = weights
+        params, quant = model.params, None
+        if weights == "int8":
+            from casa_jax.model.quantize import quantize_int8
+            params, quant = jax.jit(quantize_int8)(model.params)
+        self.weights = self._place(Weights(params=params, lora=model.lora, encoders=model.encoders or None,
+                                           safety=model.safety, unsafe_query=model.unsafe_query, quant=quant))
         self._thinker = None
         self._processor = None
         self._decoders: dict = {}
         self._compiled: dict = {}
 
     @classmethod
-    def load(cls, ckpt_dir: str, *, mesh=None, rules=DEFAULT_RULES) -> "Engine":
+    def load(cls, ckpt_dir: str, *, mesh=None, rules=DEFAULT_RULES, weights: str = "float") -> "Engine":
         """Any casa-jax checkpoint: converted (objective None) or trained by ``casa_jax.train``."""
         from casa_jax.io.orbax_io import sidecar_dir
         model = load_trained(ckpt_dir)  # first: says plainly when ckpt_dir is no checkpoint
         return cls(model, load_tokenizer(ckpt_dir), mesh=mesh, rules=rules, name=ckpt_dir,
-                   sidecar=sidecar_dir(ckpt_dir))
+                   sidecar=sidecar_dir(ckpt_dir), weights=weights)
 
     # -- what the model is ------------------------------------------------------------------------------
     @property
@@ -160,23 +173,26 @@ class Engine:
             self._compiled[key] = jax.jit(_hidden_states_fn(self, layers, media))
         lora_tree = self.weights.lora if lora else None
         with self.context():
-            return self._compiled[key](self.weights.params, self.weights.encoders, lora_tree, *inputs)
+            return self._compiled[key](self.weights.params, self.weights.encoders, lora_tree, self.weights.quant,
+                                       *inputs)
 
 
 def _hidden_states_fn(engine: Engine, layers: tuple[int, ...], media: bool):
     if media:
         thinker = engine.thinker
 
-        def run(params, encoders, lora, inputs):
-            return thinker(params, encoders, inputs, hidden_layers=layers, return_logits=False, lora=lora).hidden_states
+        def run(params, encoders, lora, quant, inputs):
+            return thinker(params, encoders, inputs, hidden_layers=layers, return_logits=False, lora=lora,
+                           quant=quant).hidden_states
         return run
     from casa_jax.model.layers import model_variables
     from casa_jax.model.text_decoder import CausalLM
     decoder = CausalLM(engine.spec.text, engine.model.lora_spec)
 
-    def run(params, encoders, lora, ids, positions, mask):
+    def run(params, encoders, lora, quant, ids, positions, mask):
         del encoders
-        return decoder.apply(model_variables(params, lora), ids, positions, mask, hidden_layers=layers, return_logits=False).hidden_states
+        return decoder.apply(model_variables(params, lora, quant), ids, positions, mask, hidden_layers=layers,
+                             return_logits=False).hidden_states
     return run
 
 

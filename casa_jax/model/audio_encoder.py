@@ -63,8 +63,11 @@ class AudioLayout:
 
 
 def audio_layout(clips: Sequence[np.ndarray], cfg: AudioConfig, min_chunks: int = 4, min_tokens: int = 16,
-                 real_frames: Sequence[int] | None = None) -> AudioLayout:
+                 real_frames: Sequence[int] | None = None, bucket_steps: int = 8) -> AudioLayout:
     """Cut log-mel clips (each [mel, frames]) into attention chunks and index the pooled outputs.
+
+    Chunk and token counts are padded to ``slot_bucket`` sizes, ``bucket_steps`` per doubling (8: at
+    most 12.5 % padded chunks; every layer runs over them, so padding is compute thrown away).
 
     ``real_frames`` (``cfg.full_window``): each clip is the extractor's whole padded window, which the
     encoder attends over, and only the outputs of its first ``real_frames[i]`` frames are kept.
@@ -98,8 +101,8 @@ def audio_layout(clips: Sequence[np.ndarray], cfg: AudioConfig, min_chunks: int 
         states = np.concatenate(states)
         rows.append(states[:stride * n_out].reshape(n_out, stride))
         tokens.append(n_out)
-    c_pad = slot_bucket(len(chunks), min_chunks)
-    a_pad = slot_bucket(sum(tokens), min_tokens)
+    c_pad = slot_bucket(len(chunks), min_chunks, bucket_steps)
+    a_pad = slot_bucket(sum(tokens), min_tokens, bucket_steps)
     features = np.zeros((c_pad, width, cfg.num_mel_bins), np.float32)
     features[:len(chunks)] = np.stack(chunks)
     chunk_frames = np.zeros((c_pad,), np.int32)

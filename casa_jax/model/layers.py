@@ -17,11 +17,18 @@ default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
 LORA_COLLECTION = "lora"
+QUANT_COLLECTION = "quant"  # int8 kernels + per-output-channel scales (``model.quantize``), instead of params'
 
 
-def model_variables(params, lora=None) -> dict:
-    """The variables dict a decoder applies: ``{"params": ...}``, plus the LoRA collection when given."""
-    return {"params": params} if lora is None else {"params": params, LORA_COLLECTION: lora}
+def model_variables(params, lora=None, quant=None) -> dict:
+    """The variables dict a decoder applies: ``{"params": ...}``, plus the LoRA collection and the int8
+    weights (``model.quantize.quantize_int8``) when given."""
+    variables = {"params": params}
+    if lora is not None:
+        variables[LORA_COLLECTION] = lora
+    if quant is not None:
+        variables[QUANT_COLLECTION] = quant
+    return variables
 
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -72,6 +79,10 @@ class Dense(nn.Module):
     ``features`` may be a tuple (e.g. ``(heads, head_dim)``); ``in_axes`` contracts that many trailing
     input dims. The kernel is stored ``[*in_dims, *out_dims]`` and cast to ``dtype`` for the matmul.
 
+    Under a ``"quant"`` collection holding this layer's ``kernel`` (int8) and ``scale`` [*out_dims], the
+    kernel is read from there instead of params: x @ W = (x @ q) * scale, per output channel, so the
+    decode reads a quarter of the weight bytes.
+
     With ``lora_rank > 0`` the layer owns a LoRA pair in the separate ``"lora"`` collection
     (``lora_a [*in_dims, r]``, normal init; ``lora_b [r, *out_dims]``, zero init, so training starts
     from the base model). Applied without that collection, the layer is the plain base layer: the same
@@ -92,14 +103,20 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., *in] -> [..., *features]
         in_shape = x.shape[x.ndim - self.in_axes:]
         features = tuple(self.features)
-        kernel = self.param(
-            "kernel",
-            nn.with_logical_partitioning(default_kernel_init, self.kernel_axes),
-            in_shape + features, self.param_dtype)
+        quantized = self.has_variable(QUANT_COLLECTION, "kernel")
+        if quantized:
+            kernel = self.get_variable(QUANT_COLLECTION, "kernel")
+        else:
+            kernel = self.param(
+                "kernel",
+                nn.with_logical_partitioning(default_kernel_init, self.kernel_axes),
+                in_shape + features, self.param_dtype)
         x = x.astype(self.dtype)
         in_dims = tuple(range(x.ndim - self.in_axes, x.ndim))
         y = jax.lax.dot_general(x, kernel.astype(self.dtype),
                                 ((in_dims, tuple(range(self.in_axes))), ((), ())))
+        if quantized:
+            y = y * self.get_variable(QUANT_COLLECTION, "scale").astype(self.dtype)
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                    self.kernel_axes[self.in_axes:]),

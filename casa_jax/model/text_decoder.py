@@ -18,7 +18,7 @@ from casa_jax.model.constraints import constrain
 from casa_jax.model.attention import Attention, attention_mask_bias
 from casa_jax.model.config import REMAT_POLICIES, TextConfig
 from casa_jax.model.kv_cache import KVCache
-from casa_jax.model.layers import LORA_COLLECTION, Dense, Embed, LoraSpec, RMSNorm, SwiGLU
+from casa_jax.model.layers import LORA_COLLECTION, QUANT_COLLECTION, Dense, Embed, LoraSpec, RMSNorm, SwiGLU
 from casa_jax.model.rope import rotary_cos_sin
 
 ACT = ("activation_batch", "activation_length", "activation_embed")
@@ -78,7 +78,7 @@ def _layer_stack(config: TextConfig):
         layer = nn.remat(layer, policy=policy, prevent_cse=False)
     return nn.scan(
         layer,
-        variable_axes={"params": 0, LORA_COLLECTION: 0},
+        variable_axes={"params": 0, LORA_COLLECTION: 0, QUANT_COLLECTION: 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, 0),
         length=config.num_hidden_layers,

@@ -222,10 +222,11 @@ class Thinker:
 
     def __call__(self, params, encoders, inputs: ThinkerInputs, cache: KVCache | None = None,
                  hidden_layers: Sequence[int] = (), return_logits: bool = True, lora=None,
-                 last_only: bool = False) -> DecoderOutput:
-        """``lora``: the decoder's LoRA collection (None: the base decoder)."""
+                 last_only: bool = False, quant=None) -> DecoderOutput:
+        """``lora``: the decoder's LoRA collection (None: the base decoder); ``quant``: its int8 layer
+        kernels (``model.quantize``), when ``params`` lacks them."""
         embeds = self.embed(params, encoders, inputs)
-        variables = model_variables(params, lora)
+        variables = model_variables(params, lora, quant)
         return self.decoder.apply(variables, None, inputs.positions, inputs.attention_mask, cache=cache,
                                   inputs_embeds=embeds, hidden_layers=tuple(hidden_layers),
                                   return_logits=return_logits, last_only=last_only)

@@ -17,15 +17,18 @@ from casa_jax.model.encoder_config import VisionConfig
 PAD_SEGMENT = -1  # padding patches attend only to each other
 
 
-def slot_bucket(n: int, minimum: int = 16) -> int:
-    """Smallest bucket >= n among minimum * (1, 1.5, 2, 3, 4, 6, ...): two shapes per doubling, so few
-    compilations and at most 50% padding. Buckets stay multiples of ``minimum`` // 2."""
+def slot_bucket(n: int, minimum: int = 16, steps: int = 2) -> int:
+    """Smallest bucket >= n on a ladder of ``steps`` sizes per doubling of ``minimum``: with 2,
+    minimum * (1, 1.5, 2, 3, 4, 6, ...), so few compilations and at most 50 % padding; with 8, at most
+    12.5 % padding for 4x the shapes. Every bucket past ``minimum`` is a multiple of its doubling's
+    1 / ``steps``."""
+    if n <= minimum:
+        return minimum
     size = minimum
-    while size < n:
-        if size * 3 // 2 >= n and (size * 3) % 2 == 0:
-            return size * 3 // 2
+    while size * 2 < n:
         size *= 2
-    return size
+    grain = max(1, size // steps)
+    return -(-n // grain) * grain
 
 
 @dataclasses.dataclass(frozen=True)
