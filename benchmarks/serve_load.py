@@ -37,10 +37,10 @@ def _percentiles(latencies) -> str:
     return f"p50 {p50:6.2f} s  p90 {p90:6.2f} s  p99 {p99:6.2f} s"
 
 
-def _sequential(ckpt: str, asks: list[str], max_tokens: int) -> tuple[float, list[float], int]:
+def _sequential(ckpt: str, asks: list[str], max_tokens: int, weights: str) -> tuple[float, list[float], int]:
     from casa_jax.infer.chat import chat_replies
     from casa_jax.infer.engine import Engine
-    engine = Engine.load(ckpt)
+    engine = Engine.load(ckpt, weights=weights)
     for p in asks[:2]:
         chat_replies(engine, [p], max_tokens)  # compile
     latencies, tokens, t0 = [], 0, time.perf_counter()
@@ -51,7 +51,8 @@ def _sequential(ckpt: str, asks: list[str], max_tokens: int) -> tuple[float, lis
     return time.perf_counter() - t0, latencies, tokens
 
 
-def _served(ckpt: str, asks: list[str], clients: int, max_tokens: int) -> tuple[float, list[float], int, dict]:
+def _served(ckpt: str, asks: list[str], clients: int, max_tokens: int,
+            weights: str) -> tuple[float, list[float], int, dict]:
     import json
 
     import openai
@@ -59,7 +60,8 @@ def _served(ckpt: str, asks: list[str], clients: int, max_tokens: int) -> tuple[
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "casa_jax.serve", f"--ckpt_dir={ckpt}", f"--port={port}",
-                             "--model_name=m", f"--max_tokens={max_tokens}", f"--max_batch={clients}"],
+                             "--model_name=m", f"--max_tokens={max_tokens}", f"--max_batch={clients}",
+                             f"--weights={weights}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -115,6 +117,7 @@ def main():
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--requests", type=int, default=4, help="requests per client")
     p.add_argument("--max_tokens", type=int, default=32)
+    p.add_argument("--weights", default="float", choices=["float", "int8"], help="decoder weights on both sides")
     args = p.parse_args()
     asks = [PROMPTS[i % len(PROMPTS)] for i in range(args.clients * args.requests)]
     with tempfile.TemporaryDirectory() as d:
@@ -124,10 +127,10 @@ def main():
             from casa_jax.io.convert_lib import gguf_to_ckpt
             ckpt = os.path.join(d, "smollm2")
             gguf_to_ckpt(locate_gguf(), ckpt)
-        served = _served(ckpt, asks, args.clients, args.max_tokens)
-        sequential = _sequential(ckpt, asks, args.max_tokens)
+        served = _served(ckpt, asks, args.clients, args.max_tokens, args.weights)
+        sequential = _sequential(ckpt, asks, args.max_tokens, args.weights)
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; {len(asks)} requests, "
-          f"<= {args.max_tokens} new tokens each, greedy")
+          f"<= {args.max_tokens} new tokens each, greedy, {args.weights} weights")
     s_wall, s_lat, s_tok = sequential
     v_wall, v_lat, v_tok, health = served
     print(f"sequential chat_replies: {len(asks) / s_wall:6.2f} req/s  {s_tok / s_wall:7.1f} tok/s  {_percentiles(s_lat)}")

@@ -37,6 +37,7 @@ flags.DEFINE_integer("recheck_every", 0, "CASA: re-check the safety head every N
 flags.DEFINE_float("recheck_threshold", 0.5, "CASA: the v_s at which a re-check ends a reply.")
 flags.DEFINE_bool("safety_prompt", False, "Prepend MM-SafetyBench's safety prompt to every prompt.")
 flags.DEFINE_integer("batch_size", 16, "Prompts per batch in batch mode.")
+flags.DEFINE_enum("weights", "float", ["float", "int8"], "How the decoder layers' kernels are held: float (as stored) or int8 with per-channel scales (a quarter of the bytes per decoded token; single device).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 FLAGS = flags.FLAGS
 
@@ -168,7 +169,7 @@ def main(argv):
     with exit_on_bad_input():
         _check_flags()
         records = _records()
-        engine = Engine.load(FLAGS.ckpt_dir)
+        engine = Engine.load(FLAGS.ckpt_dir, weights=FLAGS.weights)
         out_path = FLAGS.output_file
         out = _RepliesFile(out_path) if out_path else None
         done = 0

@@ -31,10 +31,13 @@ class Attention(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
-                 layer_cache: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None):
-        """x [B, T, E]; cos/sin [B, T, D]; mask [B, 1, T, S] bool; layer_cache (k, v) [B, S, KVH, D].
+                 cache: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None,
+                 layer: jax.Array | None = None):
+        """x [B, T, E]; cos/sin [B, T, D]; mask [B, 1, T, S] bool; cache: every layer's (keys, values)
+        [L, B, S, KVH, D], of which this is ``layer`` []: its new keys/values are written in place at
+        ``cache_index``, so a decode step moves one token's worth of cache, not a layer's.
 
-        Returns (output [B, T, E], updated (k, v) or None).
+        Returns (output [B, T, E], updated (keys, values) or None).
         """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         q = Dense((self.num_heads, self.head_dim), ("embed", "q_heads", "head_dim"),
@@ -49,12 +52,14 @@ class Attention(nn.Module):
                                            "activation_head_dim"))
 
         new_cache = None
-        if layer_cache is not None:
-            cache_k, cache_v = layer_cache
-            k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), cache_index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), cache_index, axis=1)
-            new_cache = (k, v)
-            k, v = k.astype(self.dtype), v.astype(self.dtype)
+        if cache is not None:
+            keys, values = cache
+            start = (layer, 0, cache_index, 0, 0)
+            keys = jax.lax.dynamic_update_slice(keys, k.astype(keys.dtype)[None], start)
+            values = jax.lax.dynamic_update_slice(values, v.astype(values.dtype)[None], start)
+            new_cache = (keys, values)
+            k = jax.lax.dynamic_index_in_dim(keys, layer, axis=0, keepdims=False).astype(self.dtype)
+            v = jax.lax.dynamic_index_in_dim(values, layer, axis=0, keepdims=False).astype(self.dtype)
 
         b, t, _, d = q.shape
         groups = self.num_heads // self.num_kv_heads

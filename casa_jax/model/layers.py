@@ -79,9 +79,9 @@ class Dense(nn.Module):
     ``features`` may be a tuple (e.g. ``(heads, head_dim)``); ``in_axes`` contracts that many trailing
     input dims. The kernel is stored ``[*in_dims, *out_dims]`` and cast to ``dtype`` for the matmul.
 
-    Under a ``"quant"`` collection holding this layer's ``kernel`` (int8) and ``scale`` [*out_dims], the
-    kernel is read from there instead of params: x @ W = (x @ q) * scale, per output channel, so the
-    decode reads a quarter of the weight bytes.
+    Under a ``"quant"`` collection holding this layer's ``kernel`` (int8, stored ``[*out_dims, *in_dims]``)
+    and ``scale`` [*out_dims], the kernel is read from there instead of params: x @ W = (x @ q) * scale,
+    per output channel, so the decode reads a quarter of the weight bytes.
 
     With ``lora_rank > 0`` the layer owns a LoRA pair in the separate ``"lora"`` collection
     (``lora_a [*in_dims, r]``, normal init; ``lora_b [r, *out_dims]``, zero init, so training starts
@@ -103,20 +103,20 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., *in] -> [..., *features]
         in_shape = x.shape[x.ndim - self.in_axes:]
         features = tuple(self.features)
-        quantized = self.has_variable(QUANT_COLLECTION, "kernel")
-        if quantized:
-            kernel = self.get_variable(QUANT_COLLECTION, "kernel")
+        x = x.astype(self.dtype)
+        in_dims = tuple(range(x.ndim - self.in_axes, x.ndim))
+        if self.has_variable(QUANT_COLLECTION, "kernel"):  # int8 [*out, *in]: contract its trailing dims
+            q = self.get_variable(QUANT_COLLECTION, "kernel")
+            y = jax.lax.dot_general(x, q.astype(self.dtype),
+                                    ((in_dims, tuple(range(len(features), q.ndim))), ((), ())))
+            y = y * self.get_variable(QUANT_COLLECTION, "scale").astype(self.dtype)
         else:
             kernel = self.param(
                 "kernel",
                 nn.with_logical_partitioning(default_kernel_init, self.kernel_axes),
                 in_shape + features, self.param_dtype)
-        x = x.astype(self.dtype)
-        in_dims = tuple(range(x.ndim - self.in_axes, x.ndim))
-        y = jax.lax.dot_general(x, kernel.astype(self.dtype),
-                                ((in_dims, tuple(range(self.in_axes))), ((), ())))
-        if quantized:
-            y = y * self.get_variable(QUANT_COLLECTION, "scale").astype(self.dtype)
+            y = jax.lax.dot_general(x, kernel.astype(self.dtype),
+                                    ((in_dims, tuple(range(self.in_axes))), ((), ())))
         if self.use_bias:
             bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(),
                                                                    self.kernel_axes[self.in_axes:]),

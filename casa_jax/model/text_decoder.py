@@ -50,26 +50,30 @@ class DecoderLayer(nn.Module):
     lora: LoraSpec = LoraSpec()
 
     @nn.compact
-    def __call__(self, x: jax.Array, ctx: LayerContext, layer_cache):
+    def __call__(self, carry, ctx: LayerContext, layer: jax.Array):
+        """carry: (x [B, T, E], the whole cache's (keys, values) [L, B, S, KVH, D] or None); ``layer`` []
+        this layer's index. Returns the new carry and x (the layer's output hidden state)."""
+        x, cache = carry
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         x = constrain(x, ACT)
         h = RMSNorm(cfg.rms_norm_eps, name="input_layernorm", **kw)(x)
-        h, new_cache = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim,
-                                 use_bias=cfg.attention_bias, name="self_attn", lora=self.lora, **kw)(
-            h, ctx.cos, ctx.sin, ctx.mask, layer_cache, ctx.cache_index)
+        h, cache = Attention(cfg.num_attention_heads, cfg.num_key_value_heads, cfg.resolved_head_dim,
+                             use_bias=cfg.attention_bias, name="self_attn", lora=self.lora, **kw)(
+            h, ctx.cos, ctx.sin, ctx.mask, cache, ctx.cache_index, layer)
         x = x + h
         h = RMSNorm(cfg.rms_norm_eps, name="post_attention_layernorm", **kw)(x)
         x = x + SwiGLU(cfg.intermediate_size, name="mlp", lora=self.lora, **kw)(h)
         x = constrain(x, ACT)
-        return x, (new_cache, x)
+        return (x, cache), x
 
 
 def _layer_stack(config: TextConfig):
     """DecoderLayer, optionally rematerialised, scanned over ``num_hidden_layers``.
 
-    Each step also emits its output hidden state; when no caller reads them, jit's dead-code
-    elimination drops that output, so they cost nothing unless asked for.
+    The KV cache rides in the carry (each layer writes its slot in place); each step also emits its
+    output hidden state, and when no caller reads them, jit's dead-code elimination drops that output,
+    so they cost nothing unless asked for.
     """
     layer = DecoderLayer
     if config.remat_policy != "none":
@@ -147,7 +151,8 @@ class CausalLM(nn.Module):
             ctx = LayerContext(cos, sin, attention_mask_bias(query_slots, key_slots, valid), cache.index)
             layer_caches = (cache.keys, cache.values)
 
-        final, (new_kv, per_layer) = self.layers(x, ctx, layer_caches)
+        (final, new_kv), per_layer = self.layers((x, layer_caches), ctx,
+                                                 jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
         new_cache = None
         if cache is not None:
             new_cache = KVCache(keys=new_kv[0], values=new_kv[1], valid=valid, index=cache.index + length).constrained()

@@ -28,6 +28,7 @@ flags.DEFINE_enum("unsafe_policy", "model", ["model", "template", "error"], "CAS
                   "refusal template, or a 400 error carrying the verdict.")
 flags.DEFINE_integer("recheck_every", 0, "CASA models: re-check the safety head every N decoded tokens (and after "
                      "a prefilled assistant message); a reply found unsafe ends with the refusal (0: off).")
+flags.DEFINE_enum("weights", "float", ["float", "int8"], "How the decoder layers' kernels are held: float (as stored) or int8 with per-channel scales (a quarter of the bytes per decoded token; single device).")
 flags.DEFINE_integer("graceful_shutdown_s", 30, "On SIGTERM, how long in-flight requests may take to finish.")
 FLAGS = flags.FLAGS
 
@@ -51,7 +52,7 @@ def main(argv):
             raise InputError(f"--max_wait_ms={FLAGS.max_wait_ms}: expected >= 0")
         if not 0 < FLAGS.port < 65536:
             raise InputError(f"--port={FLAGS.port}: expected 1 to 65535")
-        engine = Engine.load(FLAGS.ckpt_dir)
+        engine = Engine.load(FLAGS.ckpt_dir, weights=FLAGS.weights)
     name = FLAGS.model_name or report_name(FLAGS.ckpt_dir)
     app = build_app(engine, name, max_tokens=FLAGS.max_tokens, default_policy=FLAGS.unsafe_policy,
                     max_batch=FLAGS.max_batch, max_wait_s=FLAGS.max_wait_ms / 1000,
