@@ -46,7 +46,6 @@ class Engine:
             raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_FORMATS}")
         if weights == "int8" and mesh is not None:
             raise ValueError("weights='int8' runs on one device; drop the mesh or use weights='float'")
-        self.weight_format = weights
         params, quant = model.params, None
         if weights == "int8":
             from casa_jax.model.quantize import quantize_int8
