@@ -111,22 +111,47 @@ def _lm_token_weights(batch: TrainBatch, weights: jax.Array, per: str = "token")
 
 def token_nll(head: Callable, hidden: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
     """-log p(target) [B, T] from final hidden states [B, T, E] and targets [B, T], through ``head`` (hidden
-    -> fp32 logits) ``chunk`` positions at a time; each chunk's logits are recomputed in the backward pass
-    (``jax.checkpoint``), so peak memory holds one chunk's [B, chunk, V], not the sequence's."""
+    -> fp32 logits, frozen) ``chunk`` positions at a time, so peak memory holds one chunk's [B, chunk, V],
+    never the sequence's.
+
+    Differentiated, each chunk's gradient with respect to ``hidden`` (softmax - one-hot, back through the
+    head) is computed in the forward pass while its logits exist, and the backward pass only scales it
+    by the incoming cotangent: the head runs forward once and backward once, where recomputing each
+    chunk's logits in the backward pass would run it forward twice. ``head``'s own weights get no
+    gradient (they are frozen in every objective; differentiating through them is an error)."""
     batch, length, width = hidden.shape
     chunk = max(1, min(chunk, length))
     pieces = -(-length // chunk)
     pad = pieces * chunk - length
-    h = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0))).reshape(batch, pieces, chunk, width).swapaxes(0, 1)
     t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(batch, pieces, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
-    def one(piece):
-        h, t = piece
-        logits = head(h)  # [B, chunk, V] float32
+    def split(h):  # [B, T, E] -> [pieces, B, chunk, E]
+        return jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(batch, pieces, chunk, width).swapaxes(0, 1)
+
+    def merge(x):  # [pieces, B, chunk, ...] -> [B, T, ...]
+        return x.swapaxes(0, 1).reshape((batch, pieces * chunk) + x.shape[3:])[:, :length]
+
+    def nll_of(logits, t):  # [B, chunk, V], [B, chunk] -> [B, chunk]
         return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
 
-    return jax.lax.map(one, (h, t)).swapaxes(0, 1).reshape(batch, pieces * chunk)[:, :length]
+    @jax.custom_vjp
+    def nll(h):
+        return merge(jax.lax.map(lambda piece: nll_of(head(piece[0]), piece[1]), (split(h), t)))
+
+    def nll_fwd(h):
+        def one(piece):
+            h, t = piece
+            logits, head_vjp = jax.vjp(head, h)
+            d_logits = jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype)
+            return nll_of(logits, t), head_vjp(d_logits)[0]
+        values, d_hidden = jax.lax.map(one, (split(h), t))
+        return merge(values), merge(d_hidden)
+
+    def nll_bwd(d_hidden, g):  # g [B, T]: d loss / d nll
+        return ((g[..., None].astype(d_hidden.dtype) * d_hidden).astype(hidden.dtype),)
+
+    nll.defvjp(nll_fwd, nll_bwd)
+    return nll(hidden)
 
 
 def lm_loss(head: Callable, hidden: jax.Array, batch: TrainBatch, weights: jax.Array, denominator=None,
