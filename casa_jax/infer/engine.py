@@ -25,6 +25,7 @@ from casa_jax.io.trained import TrainedModel, load_trained, load_tokenizer
 from casa_jax.sharding import DEFAULT_RULES, decoder_shardings, place, replicated, rules_context
 
 WEIGHT_FORMATS = ("float", "int8")  # how the decoder layers' kernels are held (``Engine(weights=...)``)
+LAYER_LOOPS = ("auto", "scan", "unrolled")  # how the decoder runs its layers (``Engine(layer_loop=...)``)
 
 
 class Engine:
@@ -32,10 +33,14 @@ class Engine:
     their logical axes (the rest replicated) and run every compiled function under the mesh and
     ``rules``, so activation and KV-cache constraints take effect. ``weights="int8"``: the decoder layers'
     kernels as int8 with per-channel scales (``model.quantize``; single device), a quarter of the bytes a
-    CPU decode step reads."""
+    CPU decode step reads. ``layer_loop``: ``"scan"`` runs the decoder layers as one scanned layer over
+    stacked weights; ``"unrolled"`` holds each layer's weights as separate arrays (``unstack_layers``) and
+    unrolls the loop, which XLA's CPU compiler reads in place instead of copying a layer's slice before
+    each matrix product (a batch-1 decode step about 1.4x faster, compiles slower); ``"auto"``: unrolled on
+    a single CPU device, the scan otherwise (a mesh keeps the stacked layout its shardings describe)."""
 
     def __init__(self, model: TrainedModel, tokenizer, *, mesh=None, rules=DEFAULT_RULES, name: str = "model",
-                 sidecar: str | None = None, weights: str = "float"):
+                 sidecar: str | None = None, weights: str = "float", layer_loop: str = "auto"):
         self.model = model
         self.tokenizer = tokenizer
         self.mesh = mesh
@@ -46,11 +51,21 @@ class Engine:
             raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_FORMATS}")
         if weights == "int8" and mesh is not None:
             raise ValueError("weights='int8' runs on one device; drop the mesh or use weights='float'")
-        params, quant = model.params, None
+        if layer_loop not in LAYER_LOOPS:
+            raise ValueError(f"layer_loop={layer_loop!r}: expected one of {LAYER_LOOPS}")
+        if layer_loop == "unrolled" and mesh is not None:
+            raise ValueError("layer_loop='unrolled' runs on one device; drop the mesh or use layer_loop='scan'")
+        if layer_loop == "auto":
+            layer_loop = "unrolled" if mesh is None and jax.default_backend() == "cpu" else "scan"
+        self.layer_loop = layer_loop
+        params, quant, lora = model.params, None, model.lora
         if weights == "int8":
             from casa_jax.model.quantize import quantize_int8
             params, quant = jax.jit(quantize_int8)(model.params)
-        self.weights = self._place(Weights(params=params, lora=model.lora, encoders=model.encoders or None,
+        if layer_loop == "unrolled":
+            from casa_jax.model.text_decoder import unstack_layers
+            params, quant, lora = unstack_layers(params), unstack_layers(quant), unstack_layers(lora)
+        self.weights = self._place(Weights(params=params, lora=lora, encoders=model.encoders or None,
                                            safety=model.safety, unsafe_query=model.unsafe_query, quant=quant))
         self._thinker = None
         self._processor = None
@@ -58,12 +73,13 @@ class Engine:
         self._compiled: dict = {}
 
     @classmethod
-    def load(cls, ckpt_dir: str, *, mesh=None, rules=DEFAULT_RULES, weights: str = "float") -> "Engine":
+    def load(cls, ckpt_dir: str, *, mesh=None, rules=DEFAULT_RULES, weights: str = "float",
+             layer_loop: str = "auto") -> "Engine":
         """Any casa-jax checkpoint: converted (objective None) or trained by ``casa_jax.train``."""
         from casa_jax.io.orbax_io import sidecar_dir
         model = load_trained(ckpt_dir)  # first: says plainly when ckpt_dir is no checkpoint
         return cls(model, load_tokenizer(ckpt_dir), mesh=mesh, rules=rules, name=ckpt_dir,
-                   sidecar=sidecar_dir(ckpt_dir), weights=weights)
+                   sidecar=sidecar_dir(ckpt_dir), weights=weights, layer_loop=layer_loop)
 
     # -- what the model is ------------------------------------------------------------------------------
     @property

@@ -32,7 +32,7 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
                  cache: tuple[jax.Array, jax.Array] | None, cache_index: jax.Array | None,
-                 layer: jax.Array | None = None):
+                 layer: jax.Array | int | None = None):
         """x [B, T, E]; cos/sin [B, T, D]; mask [B, 1, T, S] bool; cache: every layer's (keys, values)
         [L, B, S, KVH, D], of which this is ``layer`` []: its new keys/values are written in place at
         ``cache_index``, so a decode step moves one token's worth of cache, not a layer's.

@@ -50,7 +50,7 @@ class DecoderLayer(nn.Module):
     lora: LoraSpec = LoraSpec()
 
     @nn.compact
-    def __call__(self, carry, ctx: LayerContext, layer: jax.Array):
+    def __call__(self, carry, ctx: LayerContext, layer: jax.Array | int):
         """carry: (x [B, T, E], the whole cache's (keys, values) [L, B, S, KVH, D] or None); ``layer`` []
         this layer's index. Returns the new carry and x (the layer's output hidden state)."""
         x, cache = carry
@@ -90,9 +90,31 @@ def _layer_stack(config: TextConfig):
     )
 
 
+def unstack_layers(collection: dict | None) -> dict | None:
+    """A decoder variable collection (params, ``"lora"`` or ``"quant"``) with its scanned ``layers`` subtree
+    [L, ...] split into ``layers_0`` ... ``layers_{L-1}``: the per-layer layout, which ``CausalLM`` runs
+    as an unrolled loop. On a CPU this is what a decode step wants: XLA's CPU compiler copies each
+    layer's weights out of the stacked arrays before every matrix product in the scan (about half of a
+    batch-1 step), while separate arrays are read in place. Call it outside jit, once: the split arrays
+    are new buffers. ``None`` or a collection without ``layers`` comes back unchanged."""
+    if collection is None or "layers" not in collection:
+        return collection
+    stacked = collection["layers"]
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    out = {k: v for k, v in collection.items() if k != "layers"}
+    for i in range(count):
+        out[f"{UNSTACKED_PREFIX}{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out
+
+
+UNSTACKED_PREFIX = "layers_"
+
+
 class CausalLM(nn.Module):
     """Embedding -> scanned decoder layers -> final RMSNorm -> (tied or untied) LM head. ``lora``: which
-    projections carry adapters (their ``"lora"`` collection); the default has none."""
+    projections carry adapters (their ``"lora"`` collection); the default has none. Applied to variables
+    in the per-layer layout (``unstack_layers``) the layers run as an unrolled loop instead of a scan,
+    with the same results."""
 
     config: TextConfig
     lora: LoraSpec = LoraSpec()
@@ -101,7 +123,12 @@ class CausalLM(nn.Module):
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", **kw)
-        self.layers = _layer_stack(cfg)(cfg, self.lora, name="layers")
+        if self.has_variable("params", f"{UNSTACKED_PREFIX}0"):
+            self.layer_list = tuple(DecoderLayer(cfg, self.lora, name=f"{UNSTACKED_PREFIX}{i}")
+                                    for i in range(cfg.num_hidden_layers))
+        else:
+            self.layer_list = None
+            self.layers = _layer_stack(cfg)(cfg, self.lora, name="layers")
         self.norm = RMSNorm(cfg.rms_norm_eps, name="norm", **kw)
         if not cfg.tie_word_embeddings:
             self.lm_head = Dense((cfg.vocab_size,), ("embed", "vocab"), name="lm_head", **kw)
@@ -151,8 +178,15 @@ class CausalLM(nn.Module):
             ctx = LayerContext(cos, sin, attention_mask_bias(query_slots, key_slots, valid), cache.index)
             layer_caches = (cache.keys, cache.values)
 
-        (final, new_kv), per_layer = self.layers((x, layer_caches), ctx,
-                                                 jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
+        if self.layer_list is None:
+            (final, new_kv), per_layer = self.layers((x, layer_caches), ctx,
+                                                     jnp.arange(cfg.num_hidden_layers, dtype=jnp.int32))
+        else:
+            carry, outputs = (x, layer_caches), []
+            for index, layer in enumerate(self.layer_list):
+                carry, out = layer(carry, ctx, index)
+                outputs.append(out)
+            (final, new_kv), per_layer = carry, (jnp.stack(outputs) if hidden_layers else None)
         new_cache = None
         if cache is not None:
             new_cache = KVCache(keys=new_kv[0], values=new_kv[1], valid=valid, index=cache.index + length).constrained()
