@@ -65,8 +65,8 @@ def _listen_once(text_workdir: str, out_dir: str, steps: int, settings: dict, pr
     examples = listening_examples(records, per_prompt=settings["per_prompt"], spell_words=settings["spell_words"],
                                   transcribe_fraction=settings["transcribe_fraction"],
                                   speak_answers=settings["speak_answers"], seed=settings["seed"], progress=progress)
-    # the scan: the projector's train step differentiates through the frozen decoder, which unrolled
-    # compiles far slower for little gain
+    # the scan: the projector's train step differentiates through the frozen decoder, and unrolled it
+    # would compile every layer's backward separately (not measured; the listening stage's times are the scan's)
     engine = Engine(model, omni_tokenizer, name="omni_mini base (projector untrained)", layer_loop="scan")
     proj, metrics = align_projector(engine, examples, steps, learning_rate=settings["align_learning_rate"],
                                     seed=settings["seed"], progress=progress, common_tokens=settings["common_tokens"])
