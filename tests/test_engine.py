@@ -114,6 +114,10 @@ def test_unrolled_layers_compute_what_the_scan_computes(engines):
     swapped["layers_0"], swapped["layers_1"] = swapped["layers_1"], swapped["layers_0"]
     wrong = _forward(single, swapped, unstack_layers(model.lora), None)[0]
     assert np.abs(np.asarray(wrong) - np.asarray(_forward(single, model.params, model.lora, None)[0])).max() > 1e-2
+    with pytest.raises(ValueError, match="'lora' collection is in the stacked layout"):
+        _forward(single, unstack_layers(model.params), model.lora, None)  # mixed: LoRA would silently drop
+    with pytest.raises(ValueError, match="'quant' collection is in the per-layer layout"):
+        _forward(single, kept, None, unstack_layers(quant))
 
 
 def test_layer_loop_is_checked(engines):

@@ -90,6 +90,9 @@ def _layer_stack(config: TextConfig):
     )
 
 
+UNSTACKED_PREFIX = "layers_"  # the per-layer layout's names: layers_0 ... layers_{L-1}
+
+
 def unstack_layers(collection: dict | None) -> dict | None:
     """A decoder variable collection (params, ``"lora"`` or ``"quant"``) with its scanned ``layers`` subtree
     [L, ...] split into ``layers_0`` ... ``layers_{L-1}``: the per-layer layout, which ``CausalLM`` runs
@@ -107,9 +110,6 @@ def unstack_layers(collection: dict | None) -> dict | None:
     return out
 
 
-UNSTACKED_PREFIX = "layers_"
-
-
 class CausalLM(nn.Module):
     """Embedding -> scanned decoder layers -> final RMSNorm -> (tied or untied) LM head. ``lora``: which
     projections carry adapters (their ``"lora"`` collection); the default has none. Applied to variables
@@ -123,7 +123,13 @@ class CausalLM(nn.Module):
         cfg = self.config
         kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, name="embed_tokens", **kw)
-        if self.has_variable("params", f"{UNSTACKED_PREFIX}0"):
+        unstacked = self.has_variable("params", f"{UNSTACKED_PREFIX}0")
+        for collection in (LORA_COLLECTION, QUANT_COLLECTION):  # a mixed layout would silently drop them
+            if self.has_variable(collection, "layers" if unstacked else f"{UNSTACKED_PREFIX}0"):
+                raise ValueError(f"the {collection!r} collection is in the {'stacked' if unstacked else 'per-layer'} "
+                                 f"layout but params are {'per-layer' if unstacked else 'stacked'}: pass every "
+                                 "collection through unstack_layers, or none")
+        if unstacked:
             self.layer_list = tuple(DecoderLayer(cfg, self.lora, name=f"{UNSTACKED_PREFIX}{i}")
                                     for i in range(cfg.num_hidden_layers))
         else:
