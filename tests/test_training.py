@@ -197,19 +197,22 @@ def test_lm_loss_per_example_gives_each_example_one_vote(accumulation):
 def test_hand_written_backward_rules_equal_autodiff():
     """The two custom VJPs of the training step, against autodiff of the plain computation: the chunked
     LM loss's gradient taken in its forward pass (``token_nll``: uneven chunks with a padded last one,
-    and one chunk), and the LoRA up-projection's (``lora_up``, with a [r, heads, head_dim] adapter).
+    and one chunk; with ``needed`` positions packed and the chunks without any skipped), and the LoRA up-projection's (``lora_up``, with a [r, heads, head_dim] adapter).
     Negative control: a head 1 % off is caught at the tolerance used; and a gradient through the head's
-    own weights, which the fused rule does not give, raises instead of coming back wrong."""
+    own weights, which the fused rule does not give, raises instead of coming back wrong; NaN hidden
+    states in skipped chunks stay out, and come through without ``needed``."""
     from casa_jax.casa.objectives import token_nll
     from casa_jax.model.layers import lora_up
     keys = jax.random.split(jax.random.key(0), 5)
     hidden, head_w = jax.random.normal(keys[0], (2, 9, 6)), jax.random.normal(keys[1], (11, 6))
     targets, weights = jax.random.randint(keys[2], (2, 9), 0, 11), jax.random.uniform(keys[3], (2, 9))
 
-    def reference(h, w):
+    def reference_nll(h, w):  # [B, T]
         logits = jnp.einsum("bte,ve->btv", h, w)
-        nll = jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
-        return jnp.sum(nll * weights)
+        return jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+
+    def reference(h, w):
+        return jnp.sum(reference_nll(h, w) * weights)
 
     def fused(h, w, chunk):
         return jnp.sum(token_nll(lambda x: jnp.einsum("bte,ve->btv", x, w), h, targets, chunk) * weights)
@@ -222,6 +225,26 @@ def test_hand_written_backward_rules_equal_autodiff():
     assert not np.allclose(off, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(jax.errors.UnexpectedTracerError):
         jax.grad(fused, argnums=1)(hidden, head_w, 4)
+
+    # ``needed``: rows with different counts of scattered needed positions, packed to the front
+    needed = jnp.array([[0, 1, 1, 0, 0, 1, 0, 0, 1], [1, 0, 0, 0, 0, 0, 0, 0, 0]], bool)
+    sparse = jnp.where(needed, weights, 0.0)
+    want_sparse = jax.grad(lambda h: jnp.sum(jnp.where(needed, reference_nll(h, head_w), 0.0) * sparse))(hidden)
+
+    def fused_needed(h, chunk):
+        return token_nll(lambda x: jnp.einsum("bte,ve->btv", x, head_w), h, targets, chunk, needed=needed)
+
+    for chunk in (2, 4, 9):
+        got = fused_needed(hidden, chunk)
+        np.testing.assert_allclose(got, jnp.where(needed, reference_nll(hidden, head_w), 0.0), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(jax.grad(lambda h: jnp.sum(fused_needed(h, chunk) * sparse))(hidden), want_sparse,
+                                   rtol=1e-5, atol=1e-5)
+    # a chunk with no needed position never reaches the head: NaN there stays out (4 needed at most, chunk 2:
+    # packed chunks 2.. are skipped); negative control: without ``needed`` the NaN comes through
+    poisoned = hidden.at[1, 4:].set(jnp.nan).at[0, 6:8].set(jnp.nan)
+    assert np.isfinite(np.asarray(fused_needed(poisoned, 2))).all()
+    assert np.isfinite(np.asarray(jax.grad(lambda h: jnp.sum(fused_needed(h, 2) * sparse))(poisoned))).all()
+    assert np.isnan(np.asarray(token_nll(lambda x: jnp.einsum("bte,ve->btv", x, head_w), poisoned, targets, 2))).any()
 
     down, b = jax.random.normal(keys[4], (2, 9, 3)), jax.random.normal(keys[1], (3, 4, 5))
     got = jax.grad(lambda d, b: jnp.sum(jnp.sin(lora_up(d, b))), (0, 1))(down, b)

@@ -109,10 +109,17 @@ def _lm_token_weights(batch: TrainBatch, weights: jax.Array, per: str = "token")
     return mask * weights[:, None]
 
 
-def token_nll(head: Callable, hidden: jax.Array, targets: jax.Array, chunk: int) -> jax.Array:
+def token_nll(head: Callable, hidden: jax.Array, targets: jax.Array, chunk: int,
+              needed: jax.Array | None = None) -> jax.Array:
     """-log p(target) [B, T] from final hidden states [B, T, E] and targets [B, T], through ``head`` (hidden
     -> fp32 logits, frozen) ``chunk`` positions at a time, so peak memory holds one chunk's [B, chunk, V],
     never the sequence's.
+
+    ``needed`` [B, T] bool: the positions whose NLL the caller reads (its loss weights > 0); the others
+    come back 0 and never reach the head. Each row's needed positions are packed to its front (a gather
+    along the sequence, so a batch-sharded layout stays sharded) and a chunk holding none is skipped
+    (``lax.cond``): a prompt half of the tokens costs no LM head, which is about 40 % of a small model's
+    matrix products.
 
     Differentiated, each chunk's gradient with respect to ``hidden`` (softmax - one-hot, back through the
     head) is computed in the forward pass while its logits exist, and the backward pass only scales it
@@ -123,28 +130,53 @@ def token_nll(head: Callable, hidden: jax.Array, targets: jax.Array, chunk: int)
     chunk = max(1, min(chunk, length))
     pieces = -(-length // chunk)
     pad = pieces * chunk - length
+    if needed is None:
+        order, inverse, used = None, None, length
+    else:  # packed position p of row b holds position order[b, p]; inverse undoes it
+        needed = needed.astype(bool)
+        order = jnp.argsort(~needed, axis=1, stable=True)
+        inverse = jnp.argsort(order, axis=1)
+        used = jnp.max(jnp.sum(needed, axis=1))  # packed positions in use in the fullest row
+        targets = jnp.take_along_axis(targets, order, axis=1)
     t = jnp.pad(targets, ((0, 0), (0, pad))).reshape(batch, pieces, chunk).swapaxes(0, 1)
+    starts = jnp.arange(pieces) * chunk
 
-    def split(h):  # [B, T, E] -> [pieces, B, chunk, E]
+    def split(h):  # [B, T, E] -> packed [pieces, B, chunk, E]
+        if order is not None:
+            h = jnp.take_along_axis(h, order[..., None], axis=1)
         return jnp.pad(h, ((0, 0), (0, pad), (0, 0))).reshape(batch, pieces, chunk, width).swapaxes(0, 1)
 
-    def merge(x):  # [pieces, B, chunk, ...] -> [B, T, ...]
-        return x.swapaxes(0, 1).reshape((batch, pieces * chunk) + x.shape[3:])[:, :length]
+    def merge(x):  # packed [pieces, B, chunk, ...] -> [B, T, ...] in the original order
+        x = x.swapaxes(0, 1).reshape((batch, pieces * chunk) + x.shape[3:])[:, :length]
+        if inverse is None:
+            return x
+        x = jnp.take_along_axis(x, inverse.reshape(inverse.shape + (1,) * (x.ndim - 2)), axis=1)
+        # an unneeded position sharing a chunk with needed ones was computed too: it still comes back 0
+        return jnp.where(needed.reshape(needed.shape + (1,) * (x.ndim - 2)), x, 0)
 
-    def nll_of(logits, t):  # [B, chunk, V], [B, chunk] -> [B, chunk]
-        return jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
+    def stats(h, t):  # [B, chunk, E], [B, chunk] -> nll [B, chunk], softmax [B, chunk, V], head's vjp
+        logits, head_vjp = jax.vjp(head, h)
+        top = jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+        exp = jnp.exp(logits - top)  # one exp pass for both the log-normaliser and the softmax
+        total = jnp.sum(exp, axis=-1, keepdims=True)
+        target_logit = jnp.take_along_axis(logits, t[..., None], axis=-1)
+        return (jnp.log(total) + top - target_logit)[..., 0], exp / total, head_vjp
+
+    def chunked(one, zeros, h):  # ``one`` on the packed chunks in use, ``zeros`` in place of the rest
+        def piece_fn(piece):
+            start, h, t = piece
+            return jax.lax.cond(start < used, one, zeros, h, t)
+        return jax.lax.map(piece_fn, (starts, split(h), t))
 
     @jax.custom_vjp
     def nll(h):
-        return merge(jax.lax.map(lambda piece: nll_of(head(piece[0]), piece[1]), (split(h), t)))
+        return merge(chunked(lambda h, t: stats(h, t)[0], lambda h, t: jnp.zeros(t.shape, jnp.float32), h))
 
     def nll_fwd(h):
-        def one(piece):
-            h, t = piece
-            logits, head_vjp = jax.vjp(head, h)
-            d_logits = jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(t, logits.shape[-1], dtype=logits.dtype)
-            return nll_of(logits, t), head_vjp(d_logits)[0]
-        values, d_hidden = jax.lax.map(one, (split(h), t))
+        def one(h, t):
+            value, probs, head_vjp = stats(h, t)
+            return value, head_vjp(probs - jax.nn.one_hot(t, probs.shape[-1], dtype=probs.dtype))[0]
+        values, d_hidden = chunked(one, lambda h, t: (jnp.zeros(t.shape, jnp.float32), jnp.zeros_like(h)), h)
         return merge(values), merge(d_hidden)
 
     def nll_bwd(d_hidden, g):  # g [B, T]: d loss / d nll
@@ -159,8 +191,8 @@ def lm_loss(head: Callable, hidden: jax.Array, batch: TrainBatch, weights: jax.A
     """Weighted mean next-token NLL over target tokens (the token at t is predicted from t - 1), averaged
     per token or per example (``per``), from the final hidden states [B, T, E] through ``head`` in chunks
     (``token_nll``). ``denominator``: the full batch's total weight when ``batch`` is one micro-batch of it."""
-    nll = token_nll(head, hidden[:, :-1], batch.input_ids[:, 1:], chunk)
     mask = _lm_token_weights(batch, weights, per)
+    nll = token_nll(head, hidden[:, :-1], batch.input_ids[:, 1:], chunk, needed=mask > 0)
     if denominator is None:
         denominator = jnp.maximum(jnp.sum(mask), 1e-6)
     return jnp.sum(nll * mask) / denominator
