@@ -138,7 +138,7 @@ class StepMemory:
     gathered: float  # FSDP: a layer's weights all-gathered for compute (two in flight) + the embedding
     saved: float  # what the remat policy keeps per layer for the backward pass, over all layers
     live: float  # one layer's full working set, recomputed in its backward pass
-    loss: float  # the chunked LM loss: fp32 logits of one chunk and their gradient, the final hidden states
+    loss: float  # the chunked LM loss: fp32 logits of one chunk (their softmax gradient fused in place), the final hidden states
     batch: float
 
     @property
@@ -180,7 +180,7 @@ def train_step_memory(text: TextConfig, mesh: tuple[int, int, int], per_device_b
     saved = text.num_hidden_layers * tokens * kept
     live = tokens * (dense + scores)
     chunk = min(loss_chunk, seq_len)
-    loss = 2 * per_device_batch * chunk * text.vocab_size * 4 / tensor + tokens * e * 4
+    loss = per_device_batch * chunk * text.vocab_size * 4 / tensor + tokens * e * 4
     return StepMemory(frozen=frozen, state=3 * lora + 4 * e, grads=2 * lora, gathered=gathered, saved=saved,
                       live=live, loss=loss, batch=7 * tokens * 4)
 
