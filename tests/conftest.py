@@ -1,14 +1,37 @@
 """Test set-up: simulate an 8-device pod on the CPU (must happen before jax is imported)."""
 
+import atexit
+import importlib
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+importlib.import_module("jax")  # reads its configuration now: the cache below is for the subprocesses only
+
+
+def _share_compiles_between_subprocesses():
+    """The many CLI subprocesses (train, resume, evaluate, demo) compile the same steps again and again:
+    they share one persistent XLA compilation cache, new for each test session and removed after it. The
+    test process itself keeps compiling in memory (jax has read its configuration already), so what it
+    measures of compiled executables (``sizing.compiled_step_memory``) never comes from the cache. A size
+    limit turns on the cache's file lock, for the tests that run several processes at once."""
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        cache = tempfile.mkdtemp(prefix="casa-jax-tests-xla-cache-")
+        atexit.register(shutil.rmtree, cache, True)
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+
+_share_compiles_between_subprocesses()
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for path in (ROOT, os.path.join(ROOT, "tests")):
