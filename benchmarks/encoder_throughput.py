@@ -2,8 +2,8 @@
 
 Same mid-size Qwen2.5-Omni encoder configs, same random weights (converted through casa-jax's importer),
 same inputs (a batch of images of two sizes; a batch of audio clips of different lengths), measured side by
-side in this one process, interleaved round by round. Layout/index preparation on the host is included
-in the JAX timing. The last line is the ratio.
+side in this one process, interleaved round by round (alternating which side runs first). Layout/index
+preparation on the host is included in the JAX timing. The last line is the ratio.
 
   python benchmarks/encoder_throughput.py [--vision_depth 8 --audio_layers 8 --rounds 5]
 """
@@ -94,8 +94,8 @@ def main():
         for fn in fns:
             fn()  # compile / warm up
         times = {"jax": [], "torch": []}
-        for _ in range(args.rounds):
-            for label, fn in zip(("jax", "torch"), fns):
+        for r in range(args.rounds):  # alternate which side runs first
+            for label, fn in list(zip(("jax", "torch"), fns))[::1 if r % 2 else -1]:
                 start = time.perf_counter()
                 fn()
                 times[label].append(time.perf_counter() - start)

@@ -57,6 +57,23 @@ def test_audio_encoder_clips_of_different_lengths(encoders):
     assert np.abs(out[:lay.num_tokens] - ref).max() <= 1e-4
 
 
+def test_audio_layout_packs_exactly_the_real_states():
+    """The packed states are the real post-conv frames in clip order, and pooling reads them in order;
+    control: the padding of a short tail chunk is not among them."""
+    audio = AudioConfig(**fx.AUDIO)  # chunks of 16 mel frames, 8 post-conv states each
+    rng = np.random.default_rng(3)
+    lay = audio_layout([rng.standard_normal((128, n)).astype(np.float32) for n in (37, 16)], audio)
+    real = [8, 8, 3, 8]  # 37 frames: 16 + 16 + 5 (3 states after the stride-2 conv); 16 frames: one chunk
+    expected = np.concatenate([c * 8 + np.arange(n) for c, n in enumerate(real)])
+    packed = len(expected)
+    assert lay.chunk_frames[:4].tolist() == [16, 16, 5, 16]
+    np.testing.assert_array_equal(lay.state_index[:packed], expected)
+    assert (lay.state_index[packed:] == lay.chunk_frames.size * 8).all()  # padding reads past the chunks
+    assert 2 * 8 + 3 not in lay.state_index[:packed]  # the tail chunk's first padded state
+    assert lay.tokens_per_clip == (9, 4)  # 19 states -> 9 pooled pairs; 8 -> 4
+    np.testing.assert_array_equal(lay.pool_index[:13].reshape(-1), np.r_[0:18, 19:27])
+
+
 def test_bucketed_shapes_do_not_depend_on_sizes():
     """Different image sizes / clip lengths within a bucket give identical array shapes (one compile)."""
     vision, audio = VisionConfig(**fx.VISION), AudioConfig(**fx.AUDIO)

@@ -40,6 +40,7 @@ class VisionInputs:
 class AudioInputs:
     features: jax.Array  # [C_pad, 2 * n_window, mel]
     chunk_frames: jax.Array  # [C_pad]
+    state_index: jax.Array  # [S_pad] flat chunk position of each packed post-conv state
     pool_index: jax.Array  # [A_pad, pool_stride]
     targets: jax.Array  # [A_pad] flat token slot; B * T = dropped padding
 
@@ -199,7 +200,7 @@ class Thinker:
         return VisionEncoder(self.vision).apply({"params": encoders["visual"]}, **fields)
 
     def encode_audio(self, encoders, audio: AudioInputs) -> jax.Array:  # -> [A_pad, E]
-        fields = {k: getattr(audio, k) for k in ("features", "chunk_frames", "pool_index")}
+        fields = {k: getattr(audio, k) for k in ("features", "chunk_frames", "state_index", "pool_index")}
         return AudioEncoder(self.audio).apply({"params": encoders["audio_tower"]}, **fields)
 
     def embed(self, params, encoders, inputs: ThinkerInputs) -> jax.Array:
@@ -246,5 +247,5 @@ def init_encoders(vision: VisionConfig | None, audio: AudioConfig, key: jax.Arra
             np.zeros((n, 2), np.int32), np.zeros(n, np.int32), np.arange(n // vision.merge_unit))["params"]
     trees["audio_tower"] = AudioEncoder(audio).init(
         jax.random.fold_in(key, 1), np.zeros((1, audio.chunk_frames, audio.num_mel_bins), np.float32),
-        np.ones(1, np.int32), np.zeros((4, audio.pool_stride), np.int32))["params"]
+        np.ones(1, np.int32), np.zeros(1, np.int32), np.zeros((4, audio.pool_stride), np.int32))["params"]
     return nn.unbox(trees) if unbox else trees
