@@ -3,7 +3,9 @@
 Same mid-size Qwen2.5-Omni encoder configs, same random weights (converted through casa-jax's importer),
 same inputs (a batch of images of two sizes; a batch of audio clips of different lengths), measured side by
 side in this one process, interleaved round by round (alternating which side runs first). Layout/index
-preparation on the host is included in the JAX timing. The last line is the ratio.
+preparation on the host is included in the JAX timing. The ratio is the median of the per-round ratios (as
+in casa_overhead.py), which a machine whose speed drifts between rounds moves less than a ratio of medians;
+the last line repeats it.
 
   python benchmarks/encoder_throughput.py [--vision_depth 8 --audio_layers 8 --rounds 5]
 """
@@ -100,9 +102,12 @@ def main():
                 fn()
                 times[label].append(time.perf_counter() - start)
         rate = {k: count / float(np.median(v)) for k, v in times.items()}
-        ratios[name] = rate["jax"] / rate["torch"]
+        # Each round's two runs are adjacent, so its ratio cancels the machine's drift between rounds.
+        per_round = np.asarray(times["torch"]) / np.asarray(times["jax"])
+        ratios[name] = float(np.median(per_round))
+        low, high = np.percentile(per_round, [25, 75])
         print(f"{name}: transformers {rate['torch']:,.0f} {unit}/s, casa-jax {rate['jax']:,.0f} {unit}/s, "
-              f"ratio {ratios[name]:.2f}")
+              f"ratio {ratios[name]:.2f} (median of the per-round ratios; quartiles {low:.2f}-{high:.2f})")
     print(f"ratio jax/torch: vision {ratios['vision']:.2f}, audio {ratios['audio']:.2f}")
 
 

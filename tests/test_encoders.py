@@ -9,9 +9,11 @@ import transformers
 
 import hf_fixtures as fx
 from casa_jax.io.hf import load_hf_checkpoint
+from casa_jax.model.attention import exp_scores
 from casa_jax.model.audio_encoder import AudioEncoder, audio_layout
 from casa_jax.model.config import ConfigError
 from casa_jax.model.encoder_config import AudioConfig, VisionConfig, encoder_configs
+from casa_jax.model.layers import gelu_exact
 from casa_jax.model.vision_encoder import VisionEncoder
 from casa_jax.model.vision_layout import pad_patches, vision_layout
 
@@ -57,6 +59,42 @@ def test_audio_encoder_clips_of_different_lengths(encoders):
     assert np.abs(out[:lay.num_tokens] - ref).max() <= 1e-4
 
 
+def test_gelu_exact_is_pytorch_gelu_and_differentiable():
+    x = np.linspace(-12, 12, 4001, dtype=np.float32)
+    ref = torch.nn.functional.gelu(torch.tensor(x)).numpy()
+    assert np.abs(np.asarray(gelu_exact(jax.numpy.asarray(x))) - ref).max() <= 2e-6
+    grad = np.asarray(jax.vmap(jax.grad(gelu_exact))(jax.numpy.asarray(x)))
+    t = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.gelu(t).sum().backward()
+    assert np.abs(grad - t.grad.numpy()).max() <= 2e-6
+    # negative control: the tanh approximation is a different function at this tolerance
+    assert np.abs(np.asarray(jax.nn.gelu(jax.numpy.asarray(x), approximate=True)) - ref).max() > 1e-4
+
+
+def test_exp_scores_normalised_equal_a_masked_softmax_and_its_gradient():
+    rng = np.random.default_rng(0)
+    scores = jax.numpy.asarray(rng.standard_normal((3, 5, 7)) * 4, jax.numpy.float32)
+    values = jax.numpy.asarray(rng.standard_normal((3, 7, 2)), jax.numpy.float32)
+    mask = jax.numpy.asarray(rng.random((3, 1, 7)) < 0.6).at[1].set(False).at[:, :, 0].set(True)
+
+    def normalised(s):
+        weights, total = exp_scores(s, mask)
+        return weights @ values / total[..., None]
+
+    def softmax(s):
+        return jax.nn.softmax(jax.numpy.where(mask, s, -jax.numpy.inf), axis=-1) @ values
+
+    np.testing.assert_allclose(normalised(scores), softmax(scores), atol=2e-6)
+    np.testing.assert_allclose(jax.grad(lambda s: (normalised(s) ** 2).sum())(scores),
+                               jax.grad(lambda s: (softmax(s) ** 2).sum())(scores), atol=2e-5)
+    # a row with every key masked gets uniform weights, not NaN
+    empty = exp_scores(scores, jax.numpy.zeros_like(mask))[0]
+    assert np.isfinite(np.asarray(empty)).all() and np.ptp(np.asarray(empty)) == 0
+    # negative control: ignoring the mask changes the result
+    assert np.abs(np.asarray(exp_scores(scores, True)[0] @ values / exp_scores(scores, True)[1][..., None])
+                  - np.asarray(softmax(scores))).max() > 1e-2
+
+
 def test_audio_layout_packs_exactly_the_real_states():
     """The packed states are the real post-conv frames in clip order, and pooling reads them in order;
     control: the padding of a short tail chunk is not among them."""
@@ -83,7 +121,10 @@ def test_bucketed_shapes_do_not_depend_on_sizes():
     assert shapes(one_image) == shapes(three_images)
     rng = np.random.default_rng(2)
     clip = lambda n: rng.standard_normal((128, n)).astype(np.float32)  # noqa: E731
-    assert shapes(audio_layout([clip(40)], audio)) == shapes(audio_layout([clip(17), clip(30)], audio))
+    # 3 chunks each (16 frames per chunk), 20 and 17 post-conv states, 10 and 8 tokens
+    assert shapes(audio_layout([clip(40)], audio)) == shapes(audio_layout([clip(17), clip(15)], audio))
+    # negative control: a fourth chunk is another bucket
+    assert shapes(audio_layout([clip(40)], audio)) != shapes(audio_layout([clip(17), clip(30)], audio))
 
 
 def test_encoder_config_errors():

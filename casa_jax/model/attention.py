@@ -1,4 +1,5 @@
-"""Grouped-query self-attention with q/k/v biases, rotary embeddings and an optional KV cache."""
+"""Grouped-query self-attention with q/k/v biases, rotary embeddings and an optional KV cache, and the
+block attention of the encoders' windows and chunks."""
 
 from __future__ import annotations
 
@@ -9,6 +10,37 @@ import jax.numpy as jnp
 from casa_jax.model.constraints import constrain
 from casa_jax.model.layers import Dense, LoraSpec
 from casa_jax.model.rope import apply_rotary
+
+
+MASKED_SCORE = -1e30  # finite, so a row with every key masked gets uniform weights rather than NaN
+
+
+def exp_scores(scores: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Unnormalised softmax weights of ``scores`` [..., S] (float32) over the keys ``mask`` allows (bool,
+    broadcastable to ``scores``), and their sums [...]. Callers divide the attention output by the sums
+    (D divisions per query instead of S). The mask enters as an additive bias, which XLA fuses into the
+    scores' dot. On CPU this is about twice as fast as ``where`` + ``softmax``, with the same result to
+    float32 rounding."""
+    scores = scores + jnp.where(mask, 0.0, MASKED_SCORE)
+    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    return weights, weights.sum(axis=-1)
+
+
+EXP_SCORES_MAX_KEYS = 512  # measured on a 2-core AMD EPYC: 100 keys 3.7 vs 8.9 ms, 500 equal, 1500 316 vs 277 ms
+
+
+def block_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """Softmax attention within independent blocks: q/k/v [B, H, F, D] (q already scaled), key_mask [B, F]
+    bool -> [B, H, F, D]. Up to ``EXP_SCORES_MAX_KEYS`` keys the softmax is normalised after the values' dot
+    (``exp_scores``), about twice as fast on CPU for short blocks; longer blocks use ``where`` + ``softmax``,
+    which is faster there."""
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32)
+    mask = key_mask[:, None, None, :]
+    if k.shape[2] <= EXP_SCORES_MAX_KEYS:
+        weights, total = exp_scores(scores, mask)
+        return jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v) / total[..., None].astype(v.dtype)
+    probs = jax.nn.softmax(jnp.where(mask, scores, jnp.finfo(jnp.float32).min), axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
 def attention_mask_bias(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array) -> jax.Array:

@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from casa_jax.model.attention import block_attention
 from casa_jax.model.encoder_config import AudioConfig
-from casa_jax.model.layers import Dense, default_kernel_init
+from casa_jax.model.layers import Dense, default_kernel_init, gelu_exact
 from casa_jax.model.vision_layout import slot_bucket
 
 
@@ -69,12 +70,14 @@ class AudioLayout:
                     pool_index=self.pool_index)
 
 
-def audio_layout(clips: Sequence[np.ndarray], cfg: AudioConfig, min_chunks: int = 4, min_tokens: int = 16,
+def audio_layout(clips: Sequence[np.ndarray], cfg: AudioConfig, min_chunks: int = 1, min_tokens: int = 16,
                  real_frames: Sequence[int] | None = None, bucket_steps: int = 8) -> AudioLayout:
     """Cut log-mel clips (each [mel, frames]) into attention chunks and index the pooled outputs.
 
     Chunk, state and token counts are padded to ``slot_bucket`` sizes, ``bucket_steps`` per doubling (8:
-    at most 12.5 % padding; every layer runs over it, so padding is compute thrown away).
+    at most 12.5 % padding; every layer runs over it, so padding is compute thrown away). The states'
+    ladder is the tokens' scaled by the pool stride, so their buckets change together; with that, a
+    chunk minimum above 1 would save few compiles and cost a single short clip most of its attention.
 
     ``real_frames`` (``cfg.full_window``): each clip is the extractor's whole padded window, which the
     encoder attends over, and only the outputs of its first ``real_frames[i]`` frames are kept.
@@ -113,7 +116,9 @@ def audio_layout(clips: Sequence[np.ndarray], cfg: AudioConfig, min_chunks: int 
         tokens.append(n_out)
     c_pad = slot_bucket(len(chunks), min_chunks, bucket_steps)
     a_pad = slot_bucket(sum(tokens), min_tokens, bucket_steps)
-    s_pad = min(slot_bucket(packed, min_chunks * half, bucket_steps), c_pad * half)  # never past the chunks
+    # The states' ladder is the tokens' ladder scaled by the pool stride, so the two change bucket together
+    # (few extra compiles), and never past the chunks.
+    s_pad = min(slot_bucket(packed, stride * min_tokens, bucket_steps), c_pad * half)
     state_index = np.full((s_pad,), c_pad * half, np.int32)  # padding: past the last state
     state_index[:packed] = np.concatenate(flat_states)
     features = np.zeros((c_pad, width, cfg.num_mel_bins), np.float32)
@@ -212,10 +217,7 @@ class AudioAttention(nn.Module):
         qkv = jnp.einsum("se,ethd->sthd", x.astype(dtype), kernel) + bias  # [S, 3, H, D]
         qkv = jnp.moveaxis(packed_to_chunks(qkv, chunk_slot), 2, 0)  # [3, C, F, H, D]
         q, k, v = (jnp.swapaxes(t, 1, 2) for t in (qkv[0] * cfg.head_dim ** -0.5, qkv[1], qkv[2]))  # [C, H, F, D]
-        scores = jnp.einsum("chqd,chkd->chqk", q, k).astype(jnp.float32)
-        scores = jnp.where(mask[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = jnp.swapaxes(jnp.einsum("chqk,chkd->chqd", probs, v), 1, 2)  # [C, F, H, D]
+        out = jnp.swapaxes(block_attention(q, k, v, mask), 1, 2)  # [C, F, H, D]
         return Dense((cfg.d_model,), ("q_heads", "head_dim", "embed"), in_axes=2, use_bias=True, name="out_proj",
                      dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype))(chunks_to_packed(out, state_index))
 
@@ -231,8 +233,7 @@ class AudioLayer(nn.Module):
         x = x + AudioAttention(cfg, name="self_attn")(nn.LayerNorm(name="self_attn_layer_norm", **norm)(x),
                                                       chunk_slot, state_index, mask)
         h = nn.LayerNorm(name="final_layer_norm", **norm)(x)
-        h = nn.gelu(Dense((cfg.encoder_ffn_dim,), ("embed", "mlp"), use_bias=True, name="fc1", **kw)(h),
-                    approximate=False)
+        h = gelu_exact(Dense((cfg.encoder_ffn_dim,), ("embed", "mlp"), use_bias=True, name="fc1", **kw)(h))
         x = x + Dense((cfg.d_model,), ("mlp", "embed"), use_bias=True, name="fc2", **kw)(h)
         return x, None
 
@@ -248,9 +249,9 @@ class AudioEncoder(nn.Module):
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         conv = dict(kernel_size=(3,), padding=((1, 1),), dtype=dtype, param_dtype=param_dtype)
         frames = jnp.arange(features.shape[1])
-        x = nn.gelu(nn.Conv(cfg.d_model, name="conv1", **conv)(features.astype(dtype)), approximate=False)
+        x = gelu_exact(nn.Conv(cfg.d_model, name="conv1", **conv)(features.astype(dtype)))
         x = x * (frames[None, :] < chunk_frames[:, None])[..., None].astype(dtype)
-        x = nn.gelu(nn.Conv(cfg.d_model, strides=(2,), name="conv2", **conv)(x), approximate=False)
+        x = gelu_exact(nn.Conv(cfg.d_model, strides=(2,), name="conv2", **conv)(x))
         x = x + jnp.asarray(sinusoids(cfg.max_source_positions, cfg.d_model)[:x.shape[1]], dtype)
         mask = jnp.arange(x.shape[1])[None, :] < conv_output_frames(chunk_frames)[:, None]
         # The packed row of each chunk position (padding: one past the last row, read as zeros).

@@ -15,8 +15,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from casa_jax.model.attention import block_attention
 from casa_jax.model.encoder_config import VisionConfig
-from casa_jax.model.layers import Dense, RMSNorm
+from casa_jax.model.layers import Dense, RMSNorm, gelu_exact
 from casa_jax.model.vision_layout import PAD_SEGMENT, window_capacity
 
 PATCH_AXES = ("vision_patch", "embed")
@@ -52,12 +53,13 @@ def full_attention(q, k, v, frame_segment):
 
 
 def window_attention(q, k, v, frame_segment, slot_size):
-    """Attention within each window slot: [N / slot, slot, slot] blocks, padding keys masked."""
+    """Attention within each window slot: [N / slot, slot, slot] blocks, padding keys masked, heads ahead
+    of the slots for the batched dots (``block_attention``)."""
     n, h, d = q.shape
-    blocks = lambda a: a.reshape(n // slot_size, slot_size, h, d)  # noqa: E731
-    valid = (frame_segment != PAD_SEGMENT).reshape(n // slot_size, 1, slot_size)
-    mask = jnp.broadcast_to(valid, (n // slot_size, slot_size, slot_size))
-    return _attend(blocks(q), blocks(k), blocks(v), mask).reshape(n, h, d)
+    blocks = lambda a: jnp.swapaxes(a.reshape(n // slot_size, slot_size, h, d), 1, 2)  # noqa: E731 [W, H, slot, D]
+    valid = (frame_segment != PAD_SEGMENT).reshape(n // slot_size, slot_size)
+    out = block_attention(blocks(q * d ** -0.5), blocks(k), blocks(v), valid)
+    return jnp.swapaxes(out, 1, 2).reshape(n, h, d)
 
 
 class VisionAttention(nn.Module):
@@ -118,7 +120,7 @@ class PatchMerger(nn.Module):
         wide = cfg.hidden_size * cfg.merge_unit
         x = x.reshape(-1, wide)
         x = Dense((wide,), ("embed", "mlp"), use_bias=True, name="fc1", **kw)(x)
-        x = nn.gelu(x, approximate=False)
+        x = gelu_exact(x)
         return Dense((cfg.out_hidden_size,), ("mlp", "embed"), use_bias=True, name="fc2", **kw)(x)
 
 
