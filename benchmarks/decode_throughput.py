@@ -34,10 +34,11 @@ from casa_jax.io.orbax_io import restore_checkpoint
 from casa_jax.demos.smollm2 import locate_gguf
 from casa_jax.infer.decode import Decoder, Weights, left_pad
 from casa_jax.model.layers import model_variables
-from casa_jax.model.quantize import quantize_int8, weight_bytes
+from casa_jax.model.quantize import decode_bytes, quantize_bf16, quantize_int8
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM, unstack_layers
 
+QUANTIZERS = {"int8": quantize_int8, "bf16": quantize_bf16}  # weight formats besides the float params
 PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.",
            "Explain photosynthesis in simple terms.", "Write a short poem about the sea.",
            "How do I learn a new language?", "What causes the seasons on Earth?",
@@ -62,13 +63,13 @@ def main():
     p.add_argument("--new_tokens", type=int, default=128)
     p.add_argument("--batches", default="1,8")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--weights", default="float,int8", help="casa-jax weight formats: float and/or int8")
+    p.add_argument("--weights", default="float,int8,bf16", help="casa-jax weight formats: float, int8, bf16")
     p.add_argument("--layer_loop", default="unrolled", choices=("unrolled", "scan"),
                    help="casa-jax decoder layout: per-layer weights, unrolled (the Engine's CPU default), or the scan")
     args = p.parse_args()
     formats = args.weights.split(",")
-    if not formats or set(formats) - {"float", "int8"}:
-        p.error(f"--weights={args.weights}: expected a comma list of float, int8")
+    if not formats or set(formats) - set(QUANTIZERS) - {"float"}:
+        p.error(f"--weights={args.weights}: expected a comma list of float, int8, bf16")
     torch.set_num_threads(os.cpu_count() or 1)
 
     with tempfile.TemporaryDirectory() as d:
@@ -80,8 +81,10 @@ def main():
         loaded = restore_checkpoint(ckpt)
     import jax
     sampler = Decoder(loaded.spec.text, eos_ids=(), pad_id=tok.pad_token_id)
-    kept, quant = jax.jit(quantize_int8)(loaded.params)
-    weights = {"float": Weights(loaded.params), "int8": Weights(kept, quant=quant)}
+    weights = {"float": Weights(loaded.params)}
+    for fmt in set(formats) & set(QUANTIZERS):
+        kept, quant = jax.jit(QUANTIZERS[fmt])(loaded.params)
+        weights[fmt] = Weights(kept, quant=quant)
     if args.layer_loop == "unrolled":  # what Engine(layer_loop="auto") does on one CPU device
         weights = {k: Weights(unstack_layers(w.params), quant=unstack_layers(w.quant)) for k, w in weights.items()}
     rows, outputs = [], {}
@@ -125,28 +128,28 @@ def main():
     bandwidth = copy_bandwidth()
     batch1 = next((tps for b, tps in rows if b == 1), None)
     for fmt in formats:
-        nbytes = weight_bytes(weights[fmt].params, weights[fmt].quant)
+        nbytes = decode_bytes(weights[fmt].params, weights[fmt].quant)
         ceiling = bandwidth / nbytes
         if batch1 is not None:
             print(f"roofline ({fmt}): {nbytes / 2**20:,.0f} MiB of weights per token, copy bandwidth "
                   f"{bandwidth / 1e9:.1f} GB/s -> at most {ceiling:.1f} tok/s at batch 1; the sampler reaches "
                   f"{batch1[fmt]:.1f} tok/s = {batch1[fmt] / ceiling:.0%} of it")
-    if "int8" in formats and "float" in formats:
-        kl, same = int8_quality(loaded.spec.text, weights, outputs, tok.pad_token_id, args.batches)
-        print(f"int8 quality: mean KL(fp32 || int8) {kl:.4f} nats per token over the fp32 greedy continuations; "
-              f"{same:.1%} of the int8 greedy tokens equal fp32's")
+    for fmt in (f for f in formats if f in QUANTIZERS and "float" in formats):
+        kl, same = quality(loaded.spec.text, weights, outputs, tok.pad_token_id, args.batches, fmt)
+        print(f"{fmt} quality: mean KL(fp32 || {fmt}) {kl:.4f} nats per token over the fp32 greedy "
+              f"continuations; {same:.1%} of the {fmt} greedy tokens equal fp32's")
     print("decode_ratio_jax_over_torch " + " ".join(
         f"{fmt}_batch{b}={tps[fmt] / tps['torch']:.2f}" for b, tps in rows for fmt in formats))
 
 
-def int8_quality(text_cfg, weights, outputs, pad_id, batches) -> tuple[float, float]:
-    """(mean next-token KL(fp32 || int8) at the generated positions of prompt + fp32 greedy continuation,
-    the fraction of int8 greedy tokens equal to fp32's)."""
+def quality(text_cfg, weights, outputs, pad_id, batches, fmt) -> tuple[float, float]:
+    """(mean next-token KL(fp32 || fmt) at the generated positions of prompt + fp32 greedy continuation,
+    the fraction of ``fmt``'s greedy tokens equal to fp32's)."""
     import jax
     import jax.numpy as jnp
     batch = max(int(b) for b in batches.split(","))
     prompts, float_out = outputs[("float", batch)]
-    _, int8_out = outputs[("int8", batch)]
+    _, fmt_out = outputs[(fmt, batch)]
     rows = [list(p) + list(o) for p, o in zip(prompts, float_out)]
     ids, mask = left_pad(rows, max(map(len, rows)), pad_id)
     scored = np.zeros_like(mask, bool)  # positions whose next token is a generated one
@@ -157,9 +160,9 @@ def int8_quality(text_cfg, weights, outputs, pad_id, batches) -> tuple[float, fl
     def logprobs(w):
         out = model.apply(model_variables(w.params, quant=w.quant), ids, positions_from_mask(mask), mask)
         return jax.nn.log_softmax(out.logits, axis=-1)
-    p, q = logprobs(weights["float"]), logprobs(weights["int8"])
+    p, q = logprobs(weights["float"]), logprobs(weights[fmt])
     kl = np.asarray(jnp.sum(jnp.exp(p) * (p - q), axis=-1))
-    same = np.mean([a == b for fa, fb in zip(float_out, int8_out) for a, b in zip(fa, fb)])
+    same = np.mean([a == b for fa, fb in zip(float_out, fmt_out) for a, b in zip(fa, fb)])
     return float(kl[scored].mean()), float(same)
 
 

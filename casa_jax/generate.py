@@ -37,9 +37,10 @@ flags.DEFINE_integer("recheck_every", 0, "CASA: re-check the safety head every N
 flags.DEFINE_float("recheck_threshold", 0.5, "CASA: the v_s at which a re-check ends a reply.")
 flags.DEFINE_bool("safety_prompt", False, "Prepend MM-SafetyBench's safety prompt to every prompt.")
 flags.DEFINE_integer("batch_size", 16, "Prompts per batch in batch mode.")
-flags.DEFINE_enum("weights", "float", ["float", "int8"], "How the decoder layers' kernels are held (infer.engine."
-                  "WEIGHT_FORMATS): float, as stored, or int8 with per-channel scales (a quarter of the bytes per "
-                  "decoded token; single device).")
+flags.DEFINE_enum("weights", "float", ["float", "int8", "bf16"], "How the decoder layers' kernels are held "
+                  "(infer.engine.WEIGHT_FORMATS): float, as stored; int8 with per-channel scales (a quarter of the "
+                  "bytes per decoded token); or bf16 with the LM head too (half, on CPUs with bf16 units: AMX, "
+                  "avx512_bf16). int8 and bf16 run on a single device.")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 FLAGS = flags.FLAGS
 

@@ -85,7 +85,7 @@ class Weights:
     encoders: Any = None  # thinker encoders, for multimodal prompts
     safety: Any = None  # CASA: SafetyAttention params
     unsafe_query: Any = None  # CASA: [E] frozen pretrained embedding of the unsafe token
-    quant: Any = None  # int8 layer kernels (``model.quantize.quantize_int8``), missing from ``params``
+    quant: Any = None  # int8 / bf16 kernels (``model.quantize``), missing from ``params``
 
     def variables(self) -> dict:
         return model_variables(self.params, self.lora, self.quant)

@@ -24,7 +24,7 @@ from casa_jax.infer.strategies import Greedy
 from casa_jax.io.trained import TrainedModel, load_trained, load_tokenizer
 from casa_jax.sharding import DEFAULT_RULES, decoder_shardings, place, replicated, rules_context
 
-WEIGHT_FORMATS = ("float", "int8")  # how the decoder layers' kernels are held (``Engine(weights=...)``)
+WEIGHT_FORMATS = ("float", "int8", "bf16")  # how the decoder layers' kernels are held (``Engine(weights=...)``)
 LAYER_LOOPS = ("auto", "scan", "unrolled")  # how the decoder runs its layers (``Engine(layer_loop=...)``)
 
 
@@ -33,7 +33,8 @@ class Engine:
     their logical axes (the rest replicated) and run every compiled function under the mesh and
     ``rules``, so activation and KV-cache constraints take effect. ``weights="int8"``: the decoder layers'
     kernels as int8 with per-channel scales (``model.quantize``; single device), a quarter of the bytes a
-    CPU decode step reads. ``layer_loop``: ``"scan"`` runs the decoder layers as one scanned layer over
+    CPU decode step reads; ``weights="bf16"``: the layer kernels and the LM head as bfloat16, half the bytes,
+    multiplied on the CPU's bf16 units (AMX / avx512_bf16) with float32 accumulation. ``layer_loop``: ``"scan"`` runs the decoder layers as one scanned layer over
     stacked weights; ``"unrolled"`` holds each layer's weights as separate arrays (``unstack_layers``) and
     unrolls the loop, which XLA's CPU compiler reads in place instead of copying a layer's slice before
     each matrix product (SmolLM2 batch-1 decode 1.4-1.7x faster on the 2-core
@@ -50,8 +51,8 @@ class Engine:
         self.sidecar = sidecar  # the checkpoint's hf_sidecar/ (processor files for media prompts)
         if weights not in WEIGHT_FORMATS:
             raise ValueError(f"weights={weights!r}: expected one of {WEIGHT_FORMATS}")
-        if weights == "int8" and mesh is not None:
-            raise ValueError("weights='int8' runs on one device; drop the mesh or use weights='float'")
+        if weights != "float" and mesh is not None:
+            raise ValueError(f"weights={weights!r} runs on one device; drop the mesh or use weights='float'")
         if layer_loop not in LAYER_LOOPS:
             raise ValueError(f"layer_loop={layer_loop!r}: expected one of {LAYER_LOOPS}")
         if layer_loop == "unrolled" and mesh is not None:
@@ -60,9 +61,9 @@ class Engine:
             layer_loop = "unrolled" if mesh is None and jax.default_backend() == "cpu" else "scan"
         self.layer_loop = layer_loop
         params, quant, lora = model.params, None, model.lora
-        if weights == "int8":
-            from casa_jax.model.quantize import quantize_int8
-            params, quant = jax.jit(quantize_int8)(model.params)
+        if weights != "float":
+            from casa_jax.model.quantize import quantize_bf16, quantize_int8
+            params, quant = jax.jit(quantize_int8 if weights == "int8" else quantize_bf16)(model.params)
         if layer_loop == "unrolled":
             from casa_jax.model.text_decoder import unstack_layers
             params, quant, lora = unstack_layers(params), unstack_layers(quant), unstack_layers(lora)

@@ -28,9 +28,10 @@ flags.DEFINE_enum("unsafe_policy", "model", ["model", "template", "error"], "CAS
                   "refusal template, or a 400 error carrying the verdict.")
 flags.DEFINE_integer("recheck_every", 0, "CASA models: re-check the safety head every N decoded tokens (and after "
                      "a prefilled assistant message); a reply found unsafe ends with the refusal (0: off).")
-flags.DEFINE_enum("weights", "float", ["float", "int8"], "How the decoder layers' kernels are held (infer.engine."
-                  "WEIGHT_FORMATS): float, as stored, or int8 with per-channel scales (a quarter of the bytes per "
-                  "decoded token; single device).")
+flags.DEFINE_enum("weights", "float", ["float", "int8", "bf16"], "How the decoder layers' kernels are held "
+                  "(infer.engine.WEIGHT_FORMATS): float, as stored; int8 with per-channel scales (a quarter of the "
+                  "bytes per decoded token); or bf16 with the LM head too (half, on CPUs with bf16 units: AMX, "
+                  "avx512_bf16). int8 and bf16 run on a single device.")
 flags.DEFINE_integer("graceful_shutdown_s", 30, "On SIGTERM, how long in-flight requests may take to finish.")
 FLAGS = flags.FLAGS
 
