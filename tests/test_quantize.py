@@ -109,7 +109,12 @@ def test_bf16_model_is_close_to_float_with_a_bf16_head(model, tied):
         params = dict(params, lm_head={"kernel": head})
     kept, quant = quantize_bf16(params)
     assert "kernel" not in kept["layers"]["mlp"]["up_proj"]
-    assert quant["layers"]["mlp"]["up_proj"]["kernel"].dtype == jnp.bfloat16
+    layers, n = quant["layers"], cfg.num_hidden_layers
+    assert layers["mlp"]["gate_up_kernel"].shape == (n, 2 * cfg.intermediate_size, cfg.hidden_size)
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.resolved_head_dim
+    assert layers["self_attn"]["qkv_kernel"].shape == (n, qkv, cfg.hidden_size)
+    assert layers["self_attn"]["qkv_kernel"].dtype == jnp.bfloat16 and "q_proj" not in layers["self_attn"]
+    assert layers["self_attn"]["o_proj"]["kernel"].dtype == jnp.bfloat16
     if tied:
         assert quant["embed_tokens"]["attend"].dtype == jnp.bfloat16
         assert decode_bytes(kept, quant) < 0.55 * weight_bytes(params)
@@ -117,7 +122,9 @@ def test_bf16_model_is_close_to_float_with_a_bf16_head(model, tied):
         assert "kernel" not in kept["lm_head"] and quant["lm_head"]["kernel"].shape == (cfg.vocab_size, cfg.hidden_size)
     bf16 = _logits(cfg, model_variables(kept, quant=quant), ids, mask)
     ref = _logits(cfg, model_variables(params), ids, mask)
-    deq = _logits(cfg, model_variables(dequantize(kept, quant)), ids, mask)
+    deq = _logits(cfg, model_variables(dequantize(kept, quant, cfg)), ids, mask)
+    with pytest.raises(ValueError, match="pass text="):
+        dequantize(kept, quant)
     spread = float(jnp.max(jnp.abs(ref)))
     err = float(jnp.max(jnp.abs(bf16 - ref)))
     assert err < 0.03 * spread
@@ -127,6 +134,28 @@ def test_bf16_model_is_close_to_float_with_a_bf16_head(model, tied):
     broken["layers"]["mlp"]["down_proj"]["kernel"] = broken["layers"]["mlp"]["down_proj"]["kernel"] * 2
     bad = _logits(cfg, model_variables(kept, quant=broken), ids, mask)
     assert float(jnp.max(jnp.abs(bad - ref))) > 4 * err
+    # Control for the fused split: q/k/v joined in another order (a wrong-offset bug) is far off too.
+    swapped = jax.tree.map(lambda x: x, quant)
+    fused = swapped["layers"]["self_attn"]["qkv_kernel"]
+    q_size = cfg.num_attention_heads * cfg.resolved_head_dim
+    swapped["layers"]["self_attn"]["qkv_kernel"] = jnp.concatenate([fused[:, q_size:], fused[:, :q_size]], 1)
+    bad = _logits(cfg, model_variables(kept, quant=swapped), ids, mask)
+    assert float(jnp.max(jnp.abs(bad - ref))) > 4 * err
+
+
+def test_bf16_with_lora_adds_the_float_adapters_to_the_fused_products(model):
+    spec, params, ids, mask = model
+    lspec = LoraSpec(4, targets=("q_proj", "v_proj", "up_proj"))
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(3), x.shape),
+                        init_lora(spec.text, lspec, jax.random.key(1)))
+    kept, quant = quantize_bf16(params)
+    with_lora = _logits(spec.text, model_variables(kept, lora, quant), ids, mask, lspec)
+    without = _logits(spec.text, model_variables(kept, quant=quant), ids, mask, lspec)
+    deq = _logits(spec.text, model_variables(dequantize(kept, quant, spec.text), lora), ids, mask, lspec)
+    spread = float(jnp.max(jnp.abs(deq)))
+    err = float(jnp.max(jnp.abs(with_lora - deq)))
+    assert err < 0.03 * spread
+    assert float(jnp.max(jnp.abs(without - deq))) > 4 * err  # the adapters matter at this size
 
 
 def test_engine_bf16_decodes_what_its_model_scores(model):

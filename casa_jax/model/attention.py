@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from casa_jax.model.constraints import constrain
-from casa_jax.model.layers import Dense, LoraSpec
+from casa_jax.model.layers import FUSED_KERNELS, Dense, LoraSpec, fused_products
 from casa_jax.model.rope import apply_rotary
 
 
@@ -72,12 +72,15 @@ class Attention(nn.Module):
         Returns (output [B, T, E], updated (keys, values) or None).
         """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        base = fused_products(self, FUSED_KERNELS["self_attn"][0], x, {
+            "q_proj": (self.num_heads, self.head_dim), "k_proj": (self.num_kv_heads, self.head_dim),
+            "v_proj": (self.num_kv_heads, self.head_dim)})
         q = Dense((self.num_heads, self.head_dim), ("embed", "q_heads", "head_dim"),
-                  use_bias=self.use_bias, name="q_proj", **kw, **self.lora.for_layer("q_proj"))(x)
+                  use_bias=self.use_bias, name="q_proj", **kw, **self.lora.for_layer("q_proj"))(x, base.get("q_proj"))
         k = Dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"),
-                  use_bias=self.use_bias, name="k_proj", **kw, **self.lora.for_layer("k_proj"))(x)
+                  use_bias=self.use_bias, name="k_proj", **kw, **self.lora.for_layer("k_proj"))(x, base.get("k_proj"))
         v = Dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"),
-                  use_bias=self.use_bias, name="v_proj", **kw, **self.lora.for_layer("v_proj"))(x)
+                  use_bias=self.use_bias, name="v_proj", **kw, **self.lora.for_layer("v_proj"))(x, base.get("v_proj"))
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         q = constrain(q, ("activation_batch", "activation_length", "activation_heads",

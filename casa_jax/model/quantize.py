@@ -14,6 +14,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from casa_jax.model.layers import FUSED_KERNELS
 
 # Dense layers in ``params["layers"]`` and how many leading kernel axes (after the layer axis) they contract.
 QUANTIZED_LAYERS = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1, "up_proj": 1,
@@ -58,10 +61,12 @@ def quantize_int8(params: dict) -> tuple[dict, dict]:
 
 
 def quantize_bf16(params: dict) -> tuple[dict, dict]:
-    """As ``quantize_int8``, with the layers' Dense kernels as bfloat16 (``layers.bf16_dot``), and the LM
+    """As ``quantize_int8``, with the layers' Dense kernels as bfloat16 (``layers.bf16_dot``), q/k/v and
+    gate/up each joined into one kernel (``layers.FUSED_KERNELS``: fewer, larger products), and the LM
     head too: an untied ``lm_head`` kernel moves to ``"quant"``; a tied one gets a bf16 copy of the
     embedding table (``quant["embed_tokens"]["attend"]``), which the float table still serves for lookups."""
     kept, quant = _move_kernels(params, _bf16_kernel, "quantize_bf16")
+    quant = dict(quant, layers=_fuse(quant["layers"]))
     if "lm_head" in kept:
         kernel = kept["lm_head"]["kernel"]  # [E, V]
         kept = dict(kept, lm_head={k: v for k, v in kept["lm_head"].items() if k != "kernel"})
@@ -69,6 +74,46 @@ def quantize_bf16(params: dict) -> tuple[dict, dict]:
     else:
         quant["embed_tokens"] = {"attend": kept["embed_tokens"]["embedding"].astype(jnp.bfloat16)}
     return kept, quant
+
+
+def _fuse(layers: dict) -> dict:
+    """Stacked bf16 kernels [L, *out, E] of the layers in ``FUSED_KERNELS`` -> one [L, sum(out), E] kernel
+    per block, in the listed order (a block missing one of its layers is left unfused)."""
+    layers = dict(layers)
+    for block, (name, parts) in FUSED_KERNELS.items():
+        sub = dict(layers.get(block, {}))
+        if not all("kernel" in sub.get(part, {}) for part in parts):
+            continue
+        kernels = [sub.pop(part)["kernel"] for part in parts]
+        sub[name] = jnp.concatenate([k.reshape(k.shape[0], -1, k.shape[-1]) for k in kernels], axis=1)
+        layers[block] = sub
+    return layers
+
+
+def _unfuse(layers: dict, text) -> dict:
+    """``_fuse`` undone: {layer: {"kernel": bf16 [L, *out, E]}}, with the shapes ``text`` (TextConfig) gives."""
+    if not any(name in layers.get(block, {}) for block, (name, _) in FUSED_KERNELS.items()):
+        return layers
+    if text is None:
+        raise ValueError("dequantize: these bf16 kernels are fused (q/k/v, gate/up); pass text= (the TextConfig) "
+                         "to split them")
+    head_dim = text.resolved_head_dim
+    shapes = {"q_proj": (text.num_attention_heads, head_dim), "k_proj": (text.num_key_value_heads, head_dim),
+              "v_proj": (text.num_key_value_heads, head_dim), "gate_proj": (text.intermediate_size,),
+              "up_proj": (text.intermediate_size,)}
+    layers = dict(layers)
+    for block, (name, parts) in FUSED_KERNELS.items():
+        sub = dict(layers.get(block, {}))
+        if name not in sub:
+            continue
+        fused, start = sub.pop(name), 0
+        for part in parts:
+            size = int(np.prod(shapes[part]))
+            piece = fused[:, start:start + size]
+            sub[part] = {"kernel": piece.reshape((fused.shape[0],) + shapes[part] + (fused.shape[-1],))}
+            start += size
+        layers[block] = sub
+    return layers
 
 
 def _move_kernels(params: dict, convert, caller: str) -> tuple[dict, dict]:
@@ -97,9 +142,10 @@ def _split(tree: dict, convert) -> tuple[dict, dict]:
     return kept, quant
 
 
-def dequantize(params: dict, quant: dict) -> dict:
+def dequantize(params: dict, quant: dict, text=None) -> dict:
     """The float params an int8 or bf16 model computes with (kernels = q * scale, or the bf16 kernels
-    widened; a tied head keeps the float table): for tests and quality checks."""
+    widened; a tied head keeps the float table): for tests and quality checks. ``text`` (the TextConfig)
+    splits bf16's fused q/k/v and gate/up kernels."""
     def merge(kept: Any, q: Any, name: str | None = None):
         if not isinstance(q, dict):
             return kept
@@ -110,6 +156,8 @@ def dequantize(params: dict, quant: dict) -> dict:
         if name == "embed_tokens":  # the tied head's bf16 copy: the float table is still in params
             return kept
         return {k: merge(v, q.get(k), k) if k in q else v for k, v in kept.items()}
+    if "layers" in quant:
+        quant = dict(quant, layers=_unfuse(quant["layers"], text))
     return merge(params, quant)
 
 
