@@ -35,11 +35,10 @@ from casa_jax.io.orbax_io import restore_checkpoint
 from casa_jax.demos.smollm2 import locate_gguf
 from casa_jax.infer.decode import Decoder, Weights, left_pad
 from casa_jax.model.layers import model_variables
-from casa_jax.model.quantize import decode_bytes, quantize_bf16, quantize_int8
+from casa_jax.model.quantize import QUANTIZERS, decode_bytes
 from casa_jax.model.rope import positions_from_mask
 from casa_jax.model.text_decoder import CausalLM, unstack_layers
 
-QUANTIZERS = {"int8": quantize_int8, "bf16": quantize_bf16}  # weight formats besides the float params
 PROMPTS = ["What is the capital of France?", "Give three tips for staying healthy.",
            "Explain photosynthesis in simple terms.", "Write a short poem about the sea.",
            "How do I learn a new language?", "What causes the seasons on Earth?",

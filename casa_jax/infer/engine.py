@@ -22,9 +22,10 @@ from casa_jax.infer.decode import Decoder, Weights
 from casa_jax.infer.gates import CasaGate, NoGate
 from casa_jax.infer.strategies import Greedy
 from casa_jax.io.trained import TrainedModel, load_trained, load_tokenizer
+from casa_jax.model.quantize import QUANTIZERS
 from casa_jax.sharding import DEFAULT_RULES, decoder_shardings, place, replicated, rules_context
 
-WEIGHT_FORMATS = ("float", "int8", "bf16")  # how the decoder layers' kernels are held (``Engine(weights=...)``)
+WEIGHT_FORMATS = ("float",) + tuple(QUANTIZERS)  # how the decoder layers' kernels are held (``Engine(weights=...)``)
 LAYER_LOOPS = ("auto", "scan", "unrolled")  # how the decoder runs its layers (``Engine(layer_loop=...)``)
 
 
@@ -33,9 +34,9 @@ class Engine:
     their logical axes (the rest replicated) and run every compiled function under the mesh and
     ``rules``, so activation and KV-cache constraints take effect. ``weights="int8"``: the decoder layers'
     kernels as int8 with per-channel scales (``model.quantize``; single device), a quarter of the bytes a
-    CPU decode step reads; ``weights="bf16"``: the layer kernels and the LM head as bfloat16, half the bytes,
-    multiplied on the CPU's bf16 units (AMX / avx512_bf16) with float32 accumulation. ``layer_loop``: ``"scan"`` runs the decoder layers as one scanned layer over
-    stacked weights; ``"unrolled"`` holds each layer's weights as separate arrays (``unstack_layers``) and
+    CPU decode step reads; ``weights="bf16"``: the layer kernels and the LM head as bfloat16, half the
+    bytes, multiplied on the CPU's bf16 units (AMX / avx512_bf16) with float32 accumulation. ``layer_loop``:
+    ``"scan"`` runs the decoder layers as one scanned layer over stacked weights; ``"unrolled"`` holds each layer's weights as separate arrays (``unstack_layers``) and
     unrolls the loop, which XLA's CPU compiler reads in place instead of copying a layer's slice before
     each matrix product (SmolLM2 batch-1 decode 1.4-1.7x faster on the 2-core
     AVX-512 machines measured; compiles slower); ``"auto"``: unrolled on
@@ -62,8 +63,7 @@ class Engine:
         self.layer_loop = layer_loop
         params, quant, lora = model.params, None, model.lora
         if weights != "float":
-            from casa_jax.model.quantize import quantize_bf16, quantize_int8
-            params, quant = jax.jit(quantize_int8 if weights == "int8" else quantize_bf16)(model.params)
+            params, quant = jax.jit(QUANTIZERS[weights])(model.params)
         if layer_loop == "unrolled":
             from casa_jax.model.text_decoder import unstack_layers
             params, quant, lora = unstack_layers(params), unstack_layers(quant), unstack_layers(lora)

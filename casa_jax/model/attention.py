@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from casa_jax.model.constraints import constrain
-from casa_jax.model.layers import FUSED_KERNELS, Dense, LoraSpec, fused_products
+from casa_jax.model.layers import Dense, LoraSpec, fused_products
 from casa_jax.model.rope import apply_rotary
 
 
@@ -72,7 +72,7 @@ class Attention(nn.Module):
         Returns (output [B, T, E], updated (keys, values) or None).
         """
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        base = fused_products(self, FUSED_KERNELS["self_attn"][0], x, {
+        base = fused_products(self, "self_attn", x, {
             "q_proj": (self.num_heads, self.head_dim), "k_proj": (self.num_kv_heads, self.head_dim),
             "v_proj": (self.num_kv_heads, self.head_dim)})
         q = Dense((self.num_heads, self.head_dim), ("embed", "q_heads", "head_dim"),

@@ -102,18 +102,19 @@ def bf16_dot(x: jax.Array, kernel: jax.Array, in_axes: int) -> jax.Array:
     return y[:n].reshape(lead + kernel.shape[:n_out])
 
 
-def fused_products(module: nn.Module, name: str, x: jax.Array, outputs: dict) -> dict:
-    """The base products of Dense layers that all read ``x`` [..., in], from one fused bf16 kernel
-    ``quant[name]`` [sum of outputs, in] (``quantize.quantize_bf16``): {layer: [..., *features]} for
-    ``outputs`` {layer: features} in kernel order; {} when ``module`` has no such kernel. One product instead
-    of two or three halves the small-matrix calls of a CPU decode step."""
+def fused_products(module: nn.Module, block: str, x: jax.Array, features: dict) -> dict:
+    """The base products of the Dense layers ``FUSED_KERNELS[block]`` joins, which all read ``x`` [..., in],
+    from its one fused bf16 kernel in ``module``'s ``"quant"`` (``quantize.quantize_bf16``; [sum of outputs,
+    in], in ``FUSED_KERNELS`` order): {layer: [..., *features[layer]]}; {} when there is no such kernel. One
+    product instead of two or three halves the small-matrix calls of a CPU decode step."""
+    name, layers = FUSED_KERNELS[block]
     if not module.has_variable(QUANT_COLLECTION, name):
         return {}
     y = bf16_dot(x, module.get_variable(QUANT_COLLECTION, name), 1)
     out, start = {}, 0
-    for layer, features in outputs.items():
-        size = int(np.prod(features))
-        out[layer] = y[..., start:start + size].reshape(y.shape[:-1] + tuple(features))
+    for layer in layers:
+        size = int(np.prod(features[layer]))
+        out[layer] = y[..., start:start + size].reshape(y.shape[:-1] + tuple(features[layer]))
         start += size
     return out
 
@@ -268,8 +269,8 @@ class SwiGLU(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:  # [B, T, E] -> [B, T, E]
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        base = fused_products(self, FUSED_KERNELS["mlp"][0], x,
-                              {"gate_proj": (self.intermediate_size,), "up_proj": (self.intermediate_size,)})
+        base = fused_products(self, "mlp", x, {"gate_proj": (self.intermediate_size,),
+                                               "up_proj": (self.intermediate_size,)})
         gate = Dense((self.intermediate_size,), ("embed", "mlp"), name="gate_proj", **kw,
                      **self.lora.for_layer("gate_proj"))(x, base.get("gate_proj"))
         up = Dense((self.intermediate_size,), ("embed", "mlp"), name="up_proj", **kw,

@@ -4,8 +4,8 @@ A decode step reads every weight once per token, so on a CPU it is bound by memo
 kernels are a quarter of the fp32 bytes, bf16 ones half (and run on the CPU's bf16 units where it has
 them: AMX, avx512_bf16). ``quantize_int8`` / ``quantize_bf16`` move the scanned layers' Dense kernels out
 of the params tree into the ``"quant"`` collection (``layers.Dense`` reads them from there), so a
-quantized tree cannot silently be used as a float one. The embedding (and tied LM head), norms and biases stay in
-float; LoRA adapters are added in float on top.
+quantized tree cannot silently be used as a float one. int8 keeps the embedding and LM head in float; bf16
+holds the LM head in bf16 too. Norms and biases stay in float; LoRA adapters are added in float on top.
 """
 
 from __future__ import annotations
@@ -74,6 +74,9 @@ def quantize_bf16(params: dict) -> tuple[dict, dict]:
     else:
         quant["embed_tokens"] = {"attend": kept["embed_tokens"]["embedding"].astype(jnp.bfloat16)}
     return kept, quant
+
+
+QUANTIZERS = {"int8": quantize_int8, "bf16": quantize_bf16}  # the weight formats besides float, by name
 
 
 def _fuse(layers: dict) -> dict:
