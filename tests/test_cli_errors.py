@@ -77,6 +77,17 @@ def test_help_exits_zero(module):
     assert r.returncode == 0 and "PyTorch was not found" not in r.stdout + r.stderr, r.stderr[-500:]
 
 
+@pytest.mark.parametrize("module", ["generate", "serve"])
+def test_weights_flag_lists_the_engines_formats(module):
+    """The CLIs spell ``--weights``' choices out (they do not import jax to parse flags): they must stay the
+    Engine's ``WEIGHT_FORMATS``, in order. Read from ``--help`` as a user sees them."""
+    import re
+    from casa_jax.infer.engine import WEIGHT_FORMATS
+    r = _cli(module, "--help")
+    found = re.findall(r"--weights: <([^>]*)>", r.stdout)
+    assert found == ["|".join(WEIGHT_FORMATS)], (found, WEIGHT_FORMATS)
+
+
 def test_sizing_runs_outside_the_repository(tmp_path):
     r = _cli("sizing", "--config=configs/qwen2_5_omni_3b.py", "--slice=v5p-8", "--mode=lora", cwd=str(tmp_path))
     assert r.returncode == 0 and "fits" in r.stdout, r.stderr[-1500:]
