@@ -144,14 +144,15 @@ def test_heads_major_attention_equals_grouped_attention():
     valid[1, :4] = False  # left padding
     slots = jnp.arange(t)
     mask = attention_mask_bias(slots, slots, jnp.asarray(valid))
-    ref, out = grouped_attention(q, k, v, mask), jax.jit(heads_major_attention)(q, k, v, mask)
+    scale = jnp.asarray(d ** -0.5, jnp.float32)
+    ref, out = grouped_attention(q, k, v, mask, scale), jax.jit(heads_major_attention)(q, k, v, mask, scale)
     np.testing.assert_allclose(out, ref, atol=1e-5)
     cot = jax.random.normal(kg, ref.shape)
-    grads = [jax.grad(lambda *x: jnp.sum(f(*x, mask) * cot), argnums=(0, 1, 2))(q, k, v)
+    grads = [jax.grad(lambda *x: jnp.sum(f(*x, mask, scale) * cot), argnums=(0, 1, 2))(q, k, v)
              for f in (grouped_attention, heads_major_attention)]
     for ours, expected in zip(grads[1], grads[0]):
         np.testing.assert_array_equal(ours, expected)
-    wrong_pairing = heads_major_attention(q[:, :, ::-1], k, v, mask)[:, :, ::-1]
-    unmasked = heads_major_attention(q, k, v, attention_mask_bias(slots, slots, jnp.ones((b, t), bool)))
+    wrong_pairing = heads_major_attention(q[:, :, ::-1], k, v, mask, scale)[:, :, ::-1]
+    unmasked = heads_major_attention(q, k, v, attention_mask_bias(slots, slots, jnp.ones((b, t), bool)), scale)
     for bad in (wrong_pairing, unmasked):
         assert np.abs(np.asarray(bad) - np.asarray(ref)).max() > 1e-2

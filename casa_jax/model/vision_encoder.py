@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from casa_jax.model.attention import block_attention
+from casa_jax.model.attention import block_attention, masked_softmax
 from casa_jax.model.encoder_config import VisionConfig
 from casa_jax.model.layers import Dense, RMSNorm, gelu_exact
 from casa_jax.model.vision_layout import PAD_SEGMENT, window_capacity
@@ -42,8 +42,7 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:  # x [N,
 
 def _attend(q, k, v, mask):  # q/k/v [..., N, H, D]; mask [..., N, N] bool -> [..., N, H, D]
     scores = jnp.einsum("...qhd,...khd->...hqk", q, k).astype(jnp.float32) * q.shape[-1] ** -0.5
-    scores = jnp.where(mask[..., None, :, :], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    probs = masked_softmax(scores, mask[..., None, :, :]).astype(q.dtype)
     return jnp.einsum("...hqk,...khd->...qhd", probs, v)
 
 
